@@ -1,0 +1,37 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMP_WAIT_POLICY ?= PASSIVE
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	# torch pinned in the same command: unpinned, pip would fetch a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0 -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## the main job on the embedded default (the Python standard library)
+demo: $(STAMP)
+	$(BIN)/python -m sparse_lm.demo $(ARGS)
+
+## the whole test suite (slow end-to-end tests included; `make test-fast` skips them)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow" $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_step.py $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,346 @@
+"""SparseGPT: a GPT-2-style transformer built for weight and activation sparsity.
+
+Read top to bottom: config, norm, attention, MLP, block, model. The layout is
+pre-norm GPT-2 with RMSNorm, optional attention sink and bigram table, and a
+named :class:`~sparse_lm.sites.Site` at every activation the method touches.
+Module and parameter names follow the paper's released checkpoints
+(``transformer.h.3.attn.c_attn.weight``...), so import/export is a rename of
+one key, not a conversion.
+
+Weight sparsity is not in this file: :mod:`sparse_lm.sparsity` projects the
+matrices listed by :meth:`SparseGPT.weight_matrices` after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from sparse_lm.sites import Site, SiteRegistry
+
+# Paper location types for AbsTopK (released ``afrac_loctypes``) and the site each one lives at.
+LOCTYPE_TO_SITE = {
+    "attn_in": "attn.act_in",
+    "attn_q": "attn.q",
+    "attn_k": "attn.k",
+    "attn_v": "attn.v",
+    "attn_out": "attn.resid_delta",
+    "mlp_in": "mlp.act_in",
+    "mlp_neuron": "mlp.post_act",
+    "mlp_out": "mlp.resid_delta",
+    "resid_post_attn": "resid_mid",
+    "resid_post_mlp": "resid_in",  # of the next layer; "final_resid" after the last one
+}
+LOCTYPES = tuple(LOCTYPE_TO_SITE)
+
+
+class SparseGPTConfig(PretrainedConfig):
+    """Architecture of a SparseGPT; field names follow the released ``beeg_config.json``."""
+
+    model_type = "sparse_gpt"
+
+    def __init__(
+        self,
+        vocab_size: int = 2048,
+        block_size: int = 1024,
+        n_layer: int = 8,
+        n_head: int = 16,
+        d_head: int = 16,
+        d_model: int = 256,
+        d_mlp: int = 1024,
+        bias: bool = True,
+        ln_bias: bool = False,
+        rms_norm: bool = True,
+        activation_type: str = "gelu",
+        residual_activation_type: str = "identity",
+        afrac: float | None = 0.25,
+        afrac_loctypes: str = "attn_in,attn_q,attn_k,attn_v,attn_out,mlp_in,mlp_neuron,mlp_out",
+        sink: bool = False,
+        enable_bigram_table: bool = False,
+        learnable_bigram_table: bool = True,
+        tied_unembed: bool = False,
+        **kwargs,
+    ):
+        if isinstance(afrac_loctypes, (list, tuple)):
+            afrac_loctypes = ",".join(afrac_loctypes)
+        unknown = [t for t in afrac_loctypes.split(",") if t and t not in LOCTYPES]
+        if unknown:
+            raise ValueError(f"unknown afrac_loctypes {unknown}; choose from {', '.join(LOCTYPES)}")
+        if activation_type not in ("gelu", "relu"):
+            raise ValueError(f"activation_type {activation_type!r} is not 'gelu' or 'relu'")
+        if residual_activation_type not in ("identity", "relu"):
+            raise ValueError(f"residual_activation_type {residual_activation_type!r} is not 'identity' or 'relu'")
+        if afrac is not None and not 0 < afrac <= 1:
+            raise ValueError(f"afrac must be in (0, 1] or None (dense activations), got {afrac}")
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.d_head = d_head
+        self.d_model = d_model
+        self.d_mlp = d_mlp
+        self.bias = bias
+        self.ln_bias = ln_bias
+        self.rms_norm = rms_norm
+        self.activation_type = activation_type
+        self.residual_activation_type = residual_activation_type
+        self.afrac = afrac
+        self.afrac_loctypes = afrac_loctypes
+        self.sink = sink
+        self.enable_bigram_table = enable_bigram_table
+        self.learnable_bigram_table = learnable_bigram_table
+        self.tied_unembed = tied_unembed
+        kwargs.setdefault("tie_word_embeddings", tied_unembed)
+        super().__init__(**kwargs)
+
+    # transformers' generic code (generate, pipelines) looks for these names.
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.block_size
+
+    def topk(self, loctype: str, width: int) -> int | None:
+        """AbsTopK k for a location type, or None when that location stays dense."""
+        if self.afrac is None or loctype not in self.afrac_loctypes.split(","):
+            return None
+        return int(self.afrac * width)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with optional bias (only for imported checkpoints with ``rms_norm: false``)."""
+
+    def __init__(self, d: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def make_norm(cfg: SparseGPTConfig) -> nn.Module:
+    # RMSNorm keeps a zero in the residual meaningful (no mean subtraction), and
+    # its gain can be folded into the next matrix without changing that matrix's L0.
+    return nn.RMSNorm(cfg.d_model) if cfg.rms_norm else LayerNorm(cfg.d_model, cfg.ln_bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: SparseGPTConfig, layer: int):
+        super().__init__()
+        self.n_head, self.d_head = cfg.n_head, cfg.d_head
+        d_attn = cfg.n_head * cfg.d_head
+        self.c_attn = nn.Linear(cfg.d_model, 3 * d_attn, bias=cfg.bias)  # q, k, v stacked
+        self.c_proj = nn.Linear(d_attn, cfg.d_model, bias=cfg.bias)
+        self.c_proj.scaled_init = True
+        # A learned per-head logit for an always-visible slot with zero key and
+        # value: lets a head put its attention "nowhere" (used as a threshold).
+        self.sink_logit = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.sink else None
+        p = f"{layer}.attn."
+        self.act_in = Site(p + "act_in", cfg.d_model, cfg.topk("attn_in", cfg.d_model))
+        self.q = Site(p + "q", d_attn, cfg.topk("attn_q", d_attn))  # top-k over all heads together
+        self.k = Site(p + "k", d_attn, cfg.topk("attn_k", d_attn))
+        self.v = Site(p + "v", d_attn, cfg.topk("attn_v", d_attn))
+        self.y = Site(p + "y", d_attn)
+        self.resid_delta = Site(p + "resid_delta", cfg.d_model, cfg.topk("attn_out", cfg.d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        x = self.act_in(x)
+        q, k, v = self.c_attn(x).split(self.n_head * self.d_head, dim=2)  # 3 x (B, T, nh*hs)
+        q, k, v = self.q(q), self.k(k), self.v(v)
+        q = q.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.d_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.d_head).transpose(1, 2)
+        scale = 1.0 / math.sqrt(self.d_head)
+        if self.sink_logit is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            y = self._attend_with_sink(q, k, v, scale)
+        y = self.y(y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head))  # (B, T, nh*hs)
+        return self.resid_delta(self.c_proj(y))
+
+    def _attend_with_sink(self, q, k, v, scale):
+        B, H, T, D = q.shape
+        zeros = q.new_zeros(B, H, 1, D)
+        k = torch.cat([zeros, k], dim=2)  # (B, nh, 1+T, hs): slot 0 is the sink
+        v = torch.cat([zeros, v], dim=2)
+        allowed = torch.ones(T, T + 1, dtype=torch.bool, device=q.device)
+        allowed[:, 1:] = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = torch.zeros(T, T + 1, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(q.dtype).min).view(1, 1, T, T + 1)
+        sink = torch.zeros(1, 1, 1, T + 1, dtype=q.dtype, device=q.device)
+        sink[..., 0] = 1.0
+        mask = mask + sink * self.sink_logit.to(q.dtype).view(1, H, 1, 1)  # (1, nh, T, 1+T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: SparseGPTConfig, layer: int):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.act = nn.GELU() if cfg.activation_type == "gelu" else nn.ReLU()  # exact erf GELU
+        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+        self.c_proj.scaled_init = True
+        p = f"{layer}.mlp."
+        self.act_in = Site(p + "act_in", cfg.d_model, cfg.topk("mlp_in", cfg.d_model))
+        self.post_act = Site(p + "post_act", cfg.d_mlp, cfg.topk("mlp_neuron", cfg.d_mlp))
+        self.resid_delta = Site(p + "resid_delta", cfg.d_model, cfg.topk("mlp_out", cfg.d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.post_act(self.act(self.c_fc(self.act_in(x))))  # (B, T, d_mlp)
+        return self.resid_delta(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: SparseGPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg, layer)
+        self.relu_resid = cfg.residual_activation_type == "relu"
+        # The residual stream entering this block; for layer 0 it is the embedding output.
+        # AbsTopK "resid_post_mlp" of the previous block acts here.
+        k_in = cfg.topk("resid_post_mlp", cfg.d_model) if layer > 0 else None
+        self.resid_in = Site(f"{layer}.resid_in", cfg.d_model, k_in)
+        self.resid_mid = Site(f"{layer}.resid_mid", cfg.d_model, cfg.topk("resid_post_attn", cfg.d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resid_in(x)
+        x = x + self.attn(self.ln_1(x))
+        x = self.resid_mid(F.relu(x) if self.relu_resid else x)
+        x = x + self.mlp(self.ln_2(x))
+        return F.relu(x) if self.relu_resid else x
+
+
+class SparseGPT(PreTrainedModel, GenerationMixin):
+    config_class = SparseGPTConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: SparseGPTConfig):
+        super().__init__(config)
+        cfg = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
+                wpe=nn.Embedding(cfg.block_size, cfg.d_model),
+                h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+                ln_f=make_norm(cfg),
+            )
+        )
+        self.final_resid = Site("final_resid", cfg.d_model, cfg.topk("resid_post_mlp", cfg.d_model))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.register_buffer("final_logits_bias", torch.zeros(cfg.vocab_size))
+        self.bigram_table: torch.Tensor | None = None
+        if cfg.enable_bigram_table:
+            # A dense vocab x vocab logit bias by current token: it absorbs bigram
+            # statistics so the sparse weights need not spend nonzeros on them.
+            table = torch.zeros(cfg.vocab_size, cfg.vocab_size)
+            if cfg.learnable_bigram_table:
+                self.bigram_table = nn.Parameter(table)
+            else:
+                self.register_buffer("bigram_table", table)
+        if cfg.tied_unembed:
+            self._tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "scaled_init", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, CausalSelfAttention) and module.sink_logit is not None:
+            nn.init.zeros_(module.sink_logit)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @property
+    def sites(self) -> SiteRegistry:
+        """Every named activation site (built once; modules never change after init)."""
+        reg = self.__dict__.get("_site_registry")
+        if reg is None:
+            reg = self.__dict__["_site_registry"] = SiteRegistry.of(self)
+        return reg
+
+    def weight_matrices(self) -> dict[str, nn.Parameter]:
+        """The matrices that weight sparsity acts on, by parameter name.
+
+        Embedding, positional embedding and unembedding are listed too (the
+        sparsity config gives them their own fraction); the bigram table,
+        biases, norm gains and sink logits are not matrices of the circuit.
+        """
+        out = {}
+        for name, p in self.named_parameters():
+            if p.ndim == 2 and name != "bigram_table":
+                out[name] = p
+        return out
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **unused,
+    ) -> CausalLMOutput:
+        """Logits for every position; ``labels`` (usually ``input_ids``) are shifted inside.
+
+        Extra keyword arguments from generic callers (``attention_mask``,
+        ``use_cache``...) are accepted and ignored: there is no padding-aware
+        attention and no KV cache; right-pad and read the last real position.
+        """
+        B, T = input_ids.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        tr = self.transformer
+        x = tr.wte(input_ids) + tr.wpe.weight[:T].unsqueeze(0)  # (B, T, d_model)
+        for block in tr.h:
+            x = block(x)
+        x = self.final_resid(x)
+        logits = self.lm_head(tr.ln_f(x)) + self.final_logits_bias  # (B, T, vocab)
+        if self.bigram_table is not None:
+            logits = logits + F.embedding(input_ids, self.bigram_table).to(logits.dtype)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
+        # No KV cache: every step reads the whole (cropped) context.
+        return {"input_ids": input_ids[:, -self.config.block_size :]}
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know ``sparse_gpt`` (idempotent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register("sparse_gpt", SparseGPTConfig)
+        AutoModelForCausalLM.register(SparseGPTConfig, SparseGPT)
+    except ValueError:
+        pass  # already registered
+
+
+register_auto_classes()

@@ -1,0 +1,208 @@
+"""Weight sparsity: top-|w| projection after every step, L0 annealing, sharkfin LR.
+
+After every optimizer step each weight matrix keeps only its largest-|w|
+entries (its target count of nonzeros) and the rest are set to zero; a zeroed
+entry may come back later if its gradient grows it. Before the global top-k,
+each MLP neuron keeps at least ``min_fan`` inputs and outputs, each q/k/v
+channel ``min_fan`` inputs and each attention output channel ``min_fan``
+outputs, so that no unit dies of the projection.
+
+The kept fraction anneals linearly from 1 (dense) to the target, and the
+learning rate follows the "sharkfin": warmup, linear decay, times
+``sqrt(target / current fraction)`` so it rises as the model gets sparser.
+
+DeepSpeed keeps its own fp32 master weights (ZeRO-1/2, bf16) and optimizer
+moments; zeroing the module alone would be undone at the next step.
+:func:`apply_masks` therefore zeroes, on each rank, the module weights and the
+rank's own fragment of the master weights and Adam moments. The masks are
+computed from the module weights, which are identical on every rank, so every
+rank makes the same choice without any communication.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparse_lm.config import field
+
+
+@dataclass
+class SparsityConfig:
+    enabled: bool = field(True, "project weights to their target L0 after every step (false: dense training)")
+    target_fraction: float = field(1 / 16, "kept fraction of nonzeros of each block matrix at the end of annealing")
+    embed_fraction: float | None = field(None, "kept fraction of wte and wpe (None: same as target_fraction)")
+    unembed_fraction: float | None = field(None, "kept fraction of lm_head (None: same as target_fraction)")
+    anneal_start: float = field(0.01, "fraction of training at which the L0 annealing starts (dense before)")
+    anneal_end: float = field(0.5, "fraction of training at which the target fraction is reached")
+    min_fan: int = field(4, "nonzero inputs/outputs every neuron and q/k/v/attn-out channel keeps (0: none)")
+
+    def validate(self) -> None:
+        for name in ("target_fraction", "embed_fraction", "unembed_fraction"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= 1:
+                raise ValueError(f"sparsity.{name} must be in (0, 1], got {v}")
+        if not 0 <= self.anneal_start <= self.anneal_end <= 1:
+            raise ValueError(
+                f"need 0 <= sparsity.anneal_start ({self.anneal_start}) <= anneal_end ({self.anneal_end}) <= 1"
+            )
+        if self.min_fan < 0:
+            raise ValueError(f"sparsity.min_fan must be >= 0, got {self.min_fan}")
+
+
+# ---------------------------------------------------------------------------
+# schedules (pure functions of the step: a resumed run needs only the step)
+
+
+def anneal_progress(step: int, total_steps: int, start: float, end: float) -> float:
+    """0 before ``start``, 1 after ``end`` (fractions of training), linear between."""
+    t = step / max(total_steps, 1)
+    if end <= start:
+        return 1.0 if t >= end else 0.0
+    return min(max((t - start) / (end - start), 0.0), 1.0)
+
+
+def kept_fraction(target: float, progress: float) -> float:
+    """Kept fraction at annealing progress ``progress``: linear from 1 to ``target``."""
+    return 1.0 + (target - 1.0) * progress
+
+
+def sharkfin_lr(step: int, total_steps: int, base_lr: float, warmup: float = 0.01,
+                target_fraction: float = 1.0, current_fraction: float = 1.0) -> float:
+    """Linear warmup over ``warmup`` of training, linear decay to 0, times sqrt(target/current)."""
+    warm = max(int(warmup * total_steps), 1)
+    if step < warm:
+        shape = (step + 1) / warm
+    else:
+        shape = max(total_steps - step, 0) / max(total_steps - warm, 1)
+    return base_lr * shape * math.sqrt(target_fraction / current_fraction)
+
+
+# ---------------------------------------------------------------------------
+# which units need a minimum fan-in/fan-out, from the parameter name
+
+
+def fan_constraints(name: str, min_fan: int) -> list[int]:
+    """Dims along which every slice keeps >= min_fan nonzeros (1: per row, 0: per column).
+
+    nn.Linear weights are (out, in): a row is one output unit's inputs, a
+    column is one input unit's outputs.
+    """
+    if min_fan <= 0:
+        return []
+    if name.endswith("attn.c_attn.weight"):
+        return [1]  # every q/k/v channel keeps min_fan inputs
+    if name.endswith("attn.c_proj.weight"):
+        return [0]  # every attention output channel (head dim) keeps min_fan outputs
+    if name.endswith("mlp.c_fc.weight"):
+        return [1]  # every neuron keeps min_fan inputs
+    if name.endswith("mlp.c_proj.weight"):
+        return [0]  # ... and min_fan outputs
+    return []
+
+
+def matrix_fraction(name: str, cfg: SparsityConfig, fraction: float, progress: float) -> float:
+    """The kept fraction of one matrix now (embeddings may anneal to their own target)."""
+    if name.endswith(("wte.weight", "wpe.weight")) and cfg.embed_fraction is not None:
+        return kept_fraction(cfg.embed_fraction, progress)
+    if name.endswith("lm_head.weight") and cfg.unembed_fraction is not None:
+        return kept_fraction(cfg.unembed_fraction, progress)
+    return fraction
+
+
+def target_count(numel: int, fraction: float) -> int:
+    return max(1, min(numel, round(fraction * numel)))
+
+
+@torch.no_grad()
+def topk_mask(w: torch.Tensor, k: int, fan_dims: list[int] = (), min_fan: int = 0) -> torch.Tensor:
+    """Bool mask of the k largest |w|, after forcing in the top ``min_fan`` of every slice.
+
+    If the forced entries alone exceed k, they are all kept (L0 = forced count);
+    :func:`check_fan_budget` rejects such configs up front.
+    """
+    score = w.detach().abs().float()
+    if fan_dims and min_fan > 0:
+        forced = torch.zeros_like(score, dtype=torch.bool)
+        for dim in fan_dims:
+            j = min(min_fan, score.shape[dim])
+            idx = score.topk(j, dim=dim).indices
+            forced.scatter_(dim, idx, True)
+        score = score.masked_fill(forced, float("inf"))
+        k = max(k, int(forced.sum()))
+    if k >= score.numel():
+        return torch.ones_like(score, dtype=torch.bool)
+    idx = score.view(-1).topk(k, sorted=False).indices
+    return torch.zeros(score.numel(), dtype=torch.bool, device=w.device).scatter_(0, idx, True).view_as(w)
+
+
+def check_fan_budget(matrices: dict[str, nn.Parameter], cfg: SparsityConfig) -> None:
+    """Fail early when min_fan forces more nonzeros than a matrix's target allows."""
+    if not cfg.enabled:
+        return
+    for name, p in matrices.items():
+        dims = fan_constraints(name, cfg.min_fan)
+        if not dims:
+            continue
+        frac = matrix_fraction(name, cfg, cfg.target_fraction, 1.0)
+        k = target_count(p.numel(), frac)
+        forced = sum(cfg.min_fan * p.shape[1 - d] for d in dims)
+        if forced > k:
+            raise ValueError(
+                f"sparsity.min_fan={cfg.min_fan} forces up to {forced} nonzeros in {name} {tuple(p.shape)}, "
+                f"but target_fraction {frac:g} keeps only {k}: raise target_fraction to >= "
+                f"{forced / p.numel():.4g} or lower min_fan"
+            )
+
+
+@torch.no_grad()
+def compute_masks(matrices: dict[str, nn.Parameter], cfg: SparsityConfig, step: int,
+                  total_steps: int) -> dict[str, torch.Tensor]:
+    progress = anneal_progress(step, total_steps, cfg.anneal_start, cfg.anneal_end)
+    fraction = kept_fraction(cfg.target_fraction, progress)
+    masks = {}
+    for name, p in matrices.items():
+        frac = matrix_fraction(name, cfg, fraction, progress)
+        if frac >= 1.0:
+            continue
+        masks[name] = topk_mask(p, target_count(p.numel(), frac), fan_constraints(name, cfg.min_fan), cfg.min_fan)
+    return masks
+
+
+def _base_optimizer(optimizer) -> torch.optim.Optimizer | None:
+    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+@torch.no_grad()
+def apply_masks(matrices: dict[str, nn.Parameter], masks: dict[str, torch.Tensor], optimizer=None) -> None:
+    """Zero the masked-off entries in the module, the master weights and the Adam moments.
+
+    Works for a plain torch optimizer, DeepSpeed ZeRO-0 (fp32 and bf16) and ZeRO-1/2:
+    where a parameter has a DeepSpeed ``_hp_mapping``, only this rank's fragment
+    of the flat fp32 partition (and of each optimizer state) is touched.
+    """
+    base = _base_optimizer(optimizer)
+    for name, mask in masks.items():
+        p = matrices[name]
+        p.data.masked_fill_(~mask, 0)
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is not None:
+            addr = mapping.lp_fragment_address
+            frag = mask.reshape(-1).narrow(0, addr.start, addr.numel)
+            mapping.get_hp_fragment().masked_fill_(~frag, 0)
+            for state in (mapping.optim_fragment or {}).values():
+                state.masked_fill_(~frag, 0)
+        elif base is not None and p in base.state:
+            for value in base.state[p].values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value.masked_fill_(~mask, 0)
+
+
+@torch.no_grad()
+def nonzero_fractions(matrices: dict[str, nn.Parameter]) -> dict[str, float]:
+    return {name: float((p != 0).float().mean()) for name, p in matrices.items()}

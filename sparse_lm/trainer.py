@@ -1,0 +1,401 @@
+"""One trainer for every job: a DeepSpeed engine, a batch schedule, and a step.
+
+Sparse pretraining and dense training differ only in the model and in
+whether weight sparsity runs after each optimizer step; both go through
+:class:`Trainer`. DeepSpeed is wrapped here and nowhere else.
+
+Training state lives in the DeepSpeed checkpoint: weights, optimizer moments,
+the step (which fixes the data position, the L0 fraction and the learning
+rate, all pure functions of it) and the RNG states, so a resumed run continues
+exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# DeepSpeed picks its accelerator at first use; say it outright so CPU runs are quiet.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from sparse_lm import config as configlib  # noqa: E402
+from sparse_lm import sparsity as sp  # noqa: E402
+from sparse_lm.io import atomic_dir, atomic_write_text  # noqa: E402
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN loss, unreadable checkpoint, ...); says what to do."""
+
+
+# ---------------------------------------------------------------------------
+# distributed set-up
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or create) the process group; a bare ``python`` call becomes rank 0 of 1."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown_distributed(clean: bool = True) -> None:
+    """Barrier then destroy: without it ZeRO-2 runs sometimes abort at exit."""
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def set_threads(threads: int | None, world: int) -> None:
+    if torch.cuda.is_available():
+        return
+    n = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------
+# the trainer
+
+
+@dataclass
+class Batches:
+    """Deterministic data order: sample i of the run is ``perm_epoch[i % N]``.
+
+    The global batch of step s is samples [s*G, (s+1)*G); rank r's micro-batch m
+    is a fixed slice of it, so any split into ranks and micro-batches sees the
+    same global batch, and a resumed run the same data.
+    """
+
+    tokens: torch.Tensor  # (N, block_size) int32
+    global_batch: int
+    micro_batch: int
+    rank: int
+    world: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        self._perm_epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def _perm_for(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(len(self.tokens), generator=g)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def micro(self, step: int, m: int) -> torch.Tensor:
+        start = step * self.global_batch + (m * self.world + self.rank) * self.micro_batch
+        pos = torch.arange(start, start + self.micro_batch)
+        n = len(self.tokens)
+        rows = torch.stack([self._perm_for(int(p) // n)[int(p) % n] for p in pos])
+        return self.tokens[rows].long()
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+class Trainer:
+    """Trains ``model`` with DeepSpeed; weight sparsity when ``sparsity`` is given and enabled."""
+
+    def __init__(self, *, model: torch.nn.Module, run_dir: Path, train_cfg, optim_cfg,
+                 train_tokens: torch.Tensor, val_tokens: torch.Tensor,
+                 sparsity: sp.SparsityConfig | None = None, job_config: Any = None, job: str = "pretrain"):
+        self.rank, self.world = init_distributed()
+        set_threads(train_cfg.threads, self.world)
+        self.tc, self.oc, self.sc = train_cfg, optim_cfg, sparsity
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.job_config, self.job = job_config, job
+        self.device = device()
+        per_step = self.tc.micro_batch * self.world
+        if self.tc.global_batch % per_step:
+            raise TrainingError(
+                f"train.global_batch {self.tc.global_batch} is not divisible by world size {self.world} "
+                f"x micro batch {self.tc.micro_batch}: choose a global batch that is a multiple of {per_step}"
+            )
+        self.grad_accum = self.tc.global_batch // per_step
+        self.block_size = train_tokens.shape[1]
+        self.batches = Batches(train_tokens, self.tc.global_batch, self.tc.micro_batch, self.rank, self.world,
+                               self.tc.seed)
+        self.val_tokens = val_tokens
+        self.sparse = sparsity is not None and sparsity.enabled
+        if self.sparse:
+            sp.check_fan_budget(model.weight_matrices(), sparsity)
+        self.engine = self._make_engine(model.to(self.device))
+        self.module = self.engine.module
+        self.matrices = self.module.weight_matrices() if self.sparse else {}
+        self.step = 0
+
+    # -- engine --------------------------------------------------------------
+    def _param_groups(self, model: torch.nn.Module) -> list[dict]:
+        matrices = set(model.weight_matrices().values()) if hasattr(model, "weight_matrices") else {
+            p for n, p in model.named_parameters() if p.ndim == 2}
+        decay = [p for p in model.parameters() if p in matrices]
+        rest = [p for p in model.parameters() if p not in matrices and p.requires_grad]
+        return [{"params": decay, "weight_decay": self.oc.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+    def _make_engine(self, model: torch.nn.Module):
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        optimizer = torch.optim.AdamW(self._param_groups(model), lr=self.oc.lr,
+                                      betas=(self.oc.beta1, self.oc.beta2), eps=self.oc.eps)
+        ds_config = {
+            "train_batch_size": self.tc.global_batch,
+            "train_micro_batch_size_per_gpu": self.tc.micro_batch,
+            "gradient_accumulation_steps": self.grad_accum,
+            # RMS(grad) <= b  <=>  ||grad||_2 <= sqrt(n) * b: the paper's bound as a global norm clip.
+            "gradient_clipping": math.sqrt(n_params) * self.oc.grad_rms_bound if self.oc.grad_rms_bound else 0.0,
+            "zero_optimization": {"stage": self.tc.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": self.tc.precision == "bf16"},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        return engine
+
+    def _autocast(self):
+        if self.tc.precision == "bf16-autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # -- schedules -------------------------------------------------------------
+    def fraction_at(self, step: int) -> float:
+        if not self.sparse:
+            return 1.0
+        progress = sp.anneal_progress(step, self.tc.steps, self.sc.anneal_start, self.sc.anneal_end)
+        return sp.kept_fraction(self.sc.target_fraction, progress)
+
+    def lr_at(self, step: int) -> float:
+        if self.oc.schedule == "constant":
+            return self.oc.lr
+        target, current = 1.0, 1.0
+        if self.oc.schedule == "sharkfin" and self.sparse:
+            target, current = self.sc.target_fraction, self.fraction_at(step)
+        return sp.sharkfin_lr(step, self.tc.steps, self.oc.lr, self.oc.warmup, target, current)
+
+    # -- one step --------------------------------------------------------------
+    def train_step(self) -> float:
+        """One optimizer step over the global batch; returns the mean loss over all ranks."""
+        lr = self.lr_at(self.step)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for m in range(self.grad_accum):
+            ids = self.batches.micro(self.step, m).to(self.device)
+            with self._autocast():
+                loss = self.engine(input_ids=ids, labels=ids).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        if self.sparse:
+            # After EVERY optimizer step: project each matrix to its L0 for the next step.
+            masks = sp.compute_masks(self.matrices, self.sc, self.step + 1, self.tc.steps)
+            sp.apply_masks(self.matrices, masks, self.engine.optimizer)
+        dist.all_reduce(total)
+        mean = float(total) / (self.grad_accum * self.world)
+        if not math.isfinite(mean):
+            raise TrainingError(
+                f"loss became {mean} at step {self.step} (lr {lr:.3g}); earlier checkpoints in {self.ckpt_dir} "
+                f"are intact. Lower optim.lr, keep optim.grad_rms_bound set, or try precision=fp32."
+            )
+        self.step += 1
+        return mean
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (token mean) and, for a SparseGPT, the share of MLP neurons that never fired."""
+        self.module.eval()
+        n = min(len(self.val_tokens), max(self.tc.eval_batches * self.tc.micro_batch, self.world))
+        rows = list(range(self.rank, n, self.world))
+        loss_sum = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        sites = getattr(self.module, "sites", None)
+        names = [s for s in sites.names() if s.endswith("mlp.post_act")] if sites is not None else []
+        fired = {s: torch.zeros(sites.width(s), dtype=torch.bool, device=self.device) for s in names}
+        for i in range(0, len(rows), self.tc.micro_batch):
+            ids = self.val_tokens[rows[i:i + self.tc.micro_batch]].long().to(self.device)
+            ctx = sites.record(names) if names else nullcontext({})
+            with self._autocast(), ctx as acts:
+                loss = self.module(input_ids=ids, labels=ids).loss.float()
+            for s, a in acts.items():
+                fired[s] |= (a != 0).flatten(0, -2).any(0)
+            tokens = ids.numel() - ids.shape[0]
+            loss_sum += loss * tokens
+            count += tokens
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(count)
+        out = {"val_loss": float(loss_sum / count.clamp(min=1))}
+        if fired:
+            stacked = torch.cat(list(fired.values())).to(torch.int32)
+            dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+            out["dead_neuron_share"] = float(1 - stacked.float().mean())
+        self.module.train()
+        return out
+
+    # -- checkpoints -------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        tag = f"step{self.step:07d}"
+        state = {"step": self.step, "torch_rng": torch.get_rng_state(), "job": self.job}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
+        dist.barrier()
+        if self.rank == 0:
+            tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
+            for old in tags[: max(len(tags) - self.tc.keep_checkpoints, 0)]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def load_checkpoint(self) -> bool:
+        """Resume from the newest checkpoint in the run folder; False when there is none."""
+        latest = self.ckpt_dir / "latest"
+        if not latest.is_file():
+            return False
+        tag = latest.read_text().strip()
+        try:
+            path, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        except Exception as e:  # DeepSpeed raises many types for a bad file; all mean the same to a user
+            raise TrainingError(
+                f"checkpoint {self.ckpt_dir / tag} could not be loaded ({type(e).__name__}: {e}). It is corrupt "
+                f"or from another architecture or world layout: delete it (or set {latest} to an earlier tag) "
+                f"and resume again, or start a new run."
+            ) from e
+        if path is None or state is None:
+            raise TrainingError(f"checkpoint {self.ckpt_dir / tag} is incomplete: delete it and resume again")
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        return True
+
+    # -- metrics ---------------------------------------------------------------
+    def _log(self, row: dict) -> None:
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """On resume, drop metric lines past the restored step so curves never double back."""
+        if self.rank != 0 or not self.metrics_path.exists():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+
+    def sparsity_row(self) -> dict:
+        if not self.sparse:
+            return {}
+        fr = sp.nonzero_fractions(self.matrices)
+        block = [v for k, v in fr.items() if ".h." in k]
+        return {"kept_fraction_target": self.fraction_at(self.step),
+                "kept_fraction_blocks": sum(block) / max(len(block), 1), "kept_fraction": fr}
+
+    # -- the loop ---------------------------------------------------------------
+    def fit(self, resume: bool = True, progress: bool = True) -> dict:
+        if resume and self.load_checkpoint():
+            self._trim_metrics()
+            if self.rank == 0:
+                print(f"resumed from step {self.step} of {self.tc.steps}", flush=True)
+        elif self.rank == 0:
+            self.metrics_path.unlink(missing_ok=True)
+        tokens_per_step = self.tc.global_batch * self.block_size
+        bar = None
+        if progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.tc.steps, initial=self.step, desc=f"{self.job} {self.run_dir.name}",
+                       unit="step", dynamic_ncols=True)
+        t_last, steps_since = time.perf_counter(), 0
+        last: dict[str, Any] = {}
+        self.module.train()
+        while self.step < self.tc.steps:
+            loss = self.train_step()
+            steps_since += 1
+            done = self.step == self.tc.steps
+            row: dict[str, Any] = {}
+            if self.step % self.tc.log_every == 0 or done:
+                dt = time.perf_counter() - t_last
+                row = {"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1),
+                       "tokens": self.step * tokens_per_step, "tokens_per_s": steps_since * tokens_per_step / dt,
+                       **self.sparsity_row()}
+                t_last, steps_since = time.perf_counter(), 0
+            if (self.tc.eval_every and self.step % self.tc.eval_every == 0) or done:
+                row = {"step": self.step, **row, **self.evaluate()}
+            if row:
+                self._log(row)
+                last.update(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{last['val_loss']:.3f}"} if "val_loss" in last else {}))
+            if (self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0) or done:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        return last
+
+    # -- export ------------------------------------------------------------------
+    def full_fp32_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter in fp32 from the master copy (a collective: call on all ranks)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, p in self.module.named_parameters():
+            # A collective on every rank: ZeRO marks params outside a rank's partition with
+            # _hp_mapping = None, so test for the attribute, not its value.
+            full = safe_get_full_fp32_param(p) if hasattr(p, "_hp_mapping") else None
+            state[name] = (full if full is not None else p.detach()).float().cpu().clone()
+        for name, b in self.module.named_buffers():
+            state[name] = b.detach().float().cpu().clone()
+        return state
+
+
+def export_model(trainer: Trainer, model_factory, out_dir: Path, tokenizer=None) -> Path | None:
+    """Write ``save_pretrained`` weights (+ tokenizer) atomically; returns the folder on rank 0."""
+    state = trainer.full_fp32_state()
+    if trainer.rank != 0:
+        return None
+    model = model_factory()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.endswith(("attn.bias", "attn.masked_bias"))]:
+        raise TrainingError(f"export mismatch: missing {missing}, unexpected {unexpected}")
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def save_job_config(cfg: Any, job: str, run_dir: Path) -> None:
+    configlib.save(cfg, run_dir / "config.json", job=job)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_json(path, obj)
