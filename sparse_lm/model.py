@@ -245,7 +245,6 @@ class SparseGPT(PreTrainedModel, GenerationMixin):
         self.final_resid = Site("final_resid", cfg.d_model, cfg.topk("resid_post_mlp", cfg.d_model))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("final_logits_bias", torch.zeros(cfg.vocab_size))
-        self.bigram_table: torch.Tensor | None = None
         if cfg.enable_bigram_table:
             # A dense vocab x vocab logit bias by current token: it absorbs bigram
             # statistics so the sparse weights need not spend nonzeros on them.
@@ -254,6 +253,8 @@ class SparseGPT(PreTrainedModel, GenerationMixin):
                 self.bigram_table = nn.Parameter(table)
             else:
                 self.register_buffer("bigram_table", table)
+        else:
+            self.bigram_table = None
         if cfg.tied_unembed:
             self._tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
         self.post_init()
