@@ -162,8 +162,10 @@ class Trainer:
     def _param_groups(self, model: torch.nn.Module) -> list[dict]:
         matrices = set(model.weight_matrices().values()) if hasattr(model, "weight_matrices") else {
             p for n, p in model.named_parameters() if p.ndim == 2}
-        decay = [p for p in model.parameters() if p in matrices]
-        rest = [p for p in model.parameters() if p not in matrices and p.requires_grad]
+        # Frozen parameters (a dense teacher, a sparse model whose bridges train alone) stay out.
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p in matrices]
+        rest = [p for p in trainable if p not in matrices]
         return [{"params": decay, "weight_decay": self.oc.weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
     def _make_engine(self, model: torch.nn.Module):
