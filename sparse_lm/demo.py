@@ -93,10 +93,32 @@ def stage_dense(p: Pipeline) -> dict:
     return p.launch("train-dense", "tiny-dense", "dense")
 
 
+def stage_eval(p: Pipeline) -> dict:
+    import torch
+
+    from sparse_lm.loading import load_model_and_tokenizer
+    from tasks import TaskTokenizationError, evaluate_task, format_table, list_tasks
+
+    out = {}
+    for key in ("sparse", "dense"):
+        model, tok = load_model_and_tokenizer(p.results[key]["model_dir"])
+        rows = []
+        with torch.no_grad():
+            for name in list_tasks():
+                try:
+                    rows.append(evaluate_task(model, tok, name, "test", n=128 if p.quick else 512))
+                except TaskTokenizationError as err:
+                    rows.append({"task": name, "error": str(err).splitlines()[0]})
+        print(f"\ntasks, {key} model ({p.results[key]['model_dir']}), test split:\n{format_table(rows)}", flush=True)
+        out[key] = rows
+    return out
+
+
 STAGES = [
     Stage("data", "train the BPE tokenizer and pack the standard library", 1.0, 0.3, stage_data),
     Stage("sparse", "weight-sparse SparseGPT `tiny`, 2 ranks via scripts/pretrain.sh", 12.0, 1.5, stage_sparse),
     Stage("dense", "dense GPT-2 baseline `tiny-dense`, 2 ranks", 6.0, 1.0, stage_dense),
+    Stage("eval", "binary next-token tasks on both models (test split)", 1.0, 0.3, stage_eval),
 ]
 
 
@@ -163,6 +185,18 @@ def print_summary(p: Pipeline) -> None:
             if "kept_fraction_blocks" in s:
                 line += f", {100 * s['kept_fraction_blocks']:.2f}% of block weights nonzero"
             print(line + f" -> {s['model_dir']}")
+    if "eval" in r:
+        from tasks import format_table
+
+        rows = []
+        by_task = {row["task"]: row for row in r["eval"]["dense"]}
+        for row in r["eval"]["sparse"]:
+            dense = by_task.get(row["task"], {})
+            rows.append({"task": row["task"], "sparse_acc": row.get("accuracy", float("nan")),
+                         "sparse_loss": row.get("loss", float("nan")), "dense_acc": dense.get("accuracy", float("nan")),
+                         "dense_loss": dense.get("loss", float("nan"))})
+        print("   task accuracy and loss (test split):")
+        print("\n".join("   " + line for line in format_table(rows).splitlines()))
 
 
 if __name__ == "__main__":
