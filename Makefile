@@ -9,7 +9,7 @@ export DS_BUILD_OPS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup chromium demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -19,15 +19,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Headless Chromium renders circuit pages in the tests (Debian package; needs root or sudo).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing chromium (circuit-page screenshot tests)"; \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }
+
 ## the main job on the embedded default (the Python standard library)
 demo: $(STAMP)
 	$(BIN)/python -m sparse_lm.demo $(ARGS)
 
 ## the whole test suite (slow end-to-end tests included; `make test-fast` skips them)
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -ra $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -ra -m "not slow" $(ARGS)
 
 bench: $(STAMP)
