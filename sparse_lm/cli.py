@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-official": ("sparse_lm.official", "convert a released checkpoint (beeg_config.json + final_model.pt)"),
     "export-official": ("sparse_lm.official", "write a model in the released checkpoint format"),
     "eval-tasks": ("tasks.cli", "evaluate a model on the binary next-token tasks"),
+    "prune": ("pruning.cli", "find the smallest circuit of a model for a task (learned masks or attribution)"),
+    "sweep": ("pruning.sweep", "tune the pruner's hyperparameters with CARBS for the smallest circuit"),
 }
 
 

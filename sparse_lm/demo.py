@@ -114,11 +114,20 @@ def stage_eval(p: Pipeline) -> dict:
     return out
 
 
+def stage_report(p: Pipeline) -> dict:
+    from sparse_lm.report import write_report
+
+    md, page = write_report(p.results, p.run_dir)
+    print(f"report: {page} and {md}", flush=True)
+    return {"report_html": str(page), "report_md": str(md)}
+
+
 STAGES = [
     Stage("data", "train the BPE tokenizer and pack the standard library", 1.0, 0.3, stage_data),
     Stage("sparse", "weight-sparse SparseGPT `tiny`, 2 ranks via scripts/pretrain.sh", 12.0, 1.5, stage_sparse),
     Stage("dense", "dense GPT-2 baseline `tiny-dense`, 2 ranks", 6.0, 1.0, stage_dense),
     Stage("eval", "binary next-token tasks on both models (test split)", 1.0, 0.3, stage_eval),
+    Stage("report", "runs/<name>/report.html and report.md", 0.1, 0.1, stage_report),
 ]
 
 
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== sparse-lm main job -> {p.run_dir}  ({'quick' if p.quick else 'full'} size)")
     for s in STAGES:
         marker = p.stage_dir / f"{s.name}.json"
-        done = marker.exists() and s.name not in args.redo
+        done = marker.exists() and s.name not in args.redo and s.name != "report"
         est = s.quick_minutes if p.quick else s.minutes
         print(f"   {'[done]' if done else '[todo]'} {s.name:8s} ~{_fmt(est):>7s}  {s.what}")
         if done:

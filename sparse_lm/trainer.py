@@ -333,8 +333,11 @@ class Trainer:
         if progress and self.rank == 0:
             from tqdm import tqdm
 
+            import sys
+
+            # In a log file (not a terminal) a bar redrawn every step would bury everything else.
             bar = tqdm(total=self.tc.steps, initial=self.step, desc=f"{self.job} {self.run_dir.name}",
-                       unit="step", dynamic_ncols=True)
+                       unit="step", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
         t_last, steps_since = time.perf_counter(), 0
         last: dict[str, Any] = {}
         self.module.train()

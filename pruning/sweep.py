@@ -1,0 +1,283 @@
+"""``sparse-lm sweep``: CARBS over the pruner's hyperparameters (SPEC §5-6).
+
+Each iteration prunes the model with hyperparameters suggested by CARBS and
+observes the circuit's size at the target loss (nodes or edges; a run that
+misses the target is a failure). Workers are processes; the sweep state
+(CARBS state + every result) is written atomically after each observation,
+so a killed sweep resumes where it stopped. The best circuit so far is
+written as ``prune`` writes one (``circuit.json``, ``circuit.html``,
+``config.json``), and ``sweep.png`` plots the search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from pruning.carbs import CARBS, CARBSParams, LogitSpace, LogSpace, ObservationInParam, Param
+from pruning.config import PruneConfig
+from sparse_lm import config as configlib
+from sparse_lm.config import field, section
+from sparse_lm.io import atomic_write_bytes, atomic_write_text
+
+STATE_FILE = "sweep_state.json"
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    prune: PruneConfig = section(PruneConfig, "the pruning run each iteration makes (searched keys are overridden)")
+    iterations: int = field(32, "pruning runs in all (paper: 32)")
+    workers: int = field(1, "pruning runs at a time, each in its own process")
+    objective: str = field("nodes", "what CARBS minimises: 'nodes' or 'edges' of the circuit at the target loss")
+    seed: int = field(0, "seed of CARBS")
+    num_random_samples: int = field(4, "CARBS's first suggestions, drawn around the search center")
+
+    def validate(self) -> None:
+        if self.objective not in ("nodes", "edges"):
+            raise configlib.ConfigError(f"objective must be 'nodes' or 'edges', got {self.objective!r}")
+        if self.iterations < 1 or self.workers < 1:
+            raise configlib.ConfigError("iterations and workers must be >= 1")
+
+
+def search_space(base: PruneConfig) -> list[Param]:
+    """The six searched hyperparameters, centred on the base config's values."""
+    wd = base.weight_decay if base.weight_decay > 0 else 1e-4
+    return [
+        Param("k_coef", LogSpace(min=1e-6, max=1e-1), search_center=base.k_coef),
+        Param("lr", LogSpace(min=1e-3, max=1.0), search_center=base.lr),
+        Param("weight_decay", LogSpace(min=1e-6, max=1.0), search_center=wd),
+        Param("beta2", LogitSpace(min=0.5, max=0.9999), search_center=base.beta2),
+        Param("heaviside_temp", LogSpace(min=1e-2, max=10.0), search_center=base.heaviside_temp),
+        Param("init_noise", LogSpace(min=1e-4, max=0.5), search_center=max(base.init_noise, 1e-4)),
+    ]
+
+
+SEARCHED = ("k_coef", "lr", "weight_decay", "beta2", "heaviside_temp", "init_noise")
+
+
+# -- one pruning run (in a worker process or inline) -------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(model_dir: str, threads: int) -> None:
+    import torch
+
+    from sparse_lm.loading import load_model_and_tokenizer
+
+    torch.set_num_threads(max(1, threads))
+    _WORKER["model"], _WORKER["tokenizer"] = load_model_and_tokenizer(model_dir)
+    _WORKER["model_dir"] = model_dir
+
+
+def _run_one(prune_cfg: dict, out_dir: str) -> dict:
+    from pruning.pruner import prune
+
+    cfg = configlib.from_dict(PruneConfig, prune_cfg)
+    t0 = time.perf_counter()
+    circuit = prune(_WORKER["model"], _WORKER["tokenizer"], cfg, progress=False, model_dir=_WORKER["model_dir"],
+                    fallback_dir=out_dir)
+    return {"circuit": circuit.to_json(), "seconds": time.perf_counter() - t0}
+
+
+# -- the sweep --------------------------------------------------------------------------
+
+
+class Sweep:
+    def __init__(self, cfg: SweepConfig, model_dir: str, out: Path):
+        self.cfg, self.model_dir, self.out = cfg, model_dir, Path(out)
+        self.state_path = self.out / STATE_FILE
+        self.results: list[dict] = []
+        params = CARBSParams(better_direction_sign=-1, seed=cfg.seed, num_random_samples=cfg.num_random_samples,
+                             is_saved_on_every_observation=False)
+        self.carbs = CARBS(params, search_space(cfg.prune))
+        if self.state_path.exists():
+            state = json.loads(self.state_path.read_text())
+            if state.get("config") != configlib.to_dict(cfg) or state.get("model") != model_dir:
+                raise ValueError(f"{self.state_path} belongs to another sweep (other config or model); "
+                                 f"use another --out or delete it to start over")
+            self.carbs = CARBS.load_state_dict(state["carbs"])
+            self.results = state["results"]
+            for uuid in list(self.carbs.outstanding_suggestions):  # killed mid-run: those never came back
+                self.carbs.forget_suggestion({"suggestion_uuid": uuid})
+
+    def best(self) -> dict | None:
+        ok = [r for r in self.results if not r["failed"]]
+        return min(ok, key=lambda r: (r["objective"], r["iteration"])) if ok else None
+
+    def _save_state(self) -> None:
+        state = {"model": self.model_dir, "config": configlib.to_dict(self.cfg), "results": self.results,
+                 "carbs": self.carbs.get_state_dict()}
+        atomic_write_text(self.state_path, json.dumps(state, indent=1) + "\n")
+
+    def _prune_cfg(self, suggestion: dict) -> dict:
+        d = configlib.to_dict(self.cfg.prune)
+        d.update({k: float(suggestion[k]) for k in SEARCHED})
+        return d
+
+    def _observe(self, iteration: int, suggestion: dict, result: dict) -> dict:
+        c = result["circuit"]
+        failed = bool(c.get("failed")) or not c.get("verification", {}).get("keeps_target", False)
+        size = c.get("num_nodes" if self.cfg.objective == "nodes" else "num_edges")
+        objective = math.inf if failed or size is None else float(size)
+        self.carbs.observe(ObservationInParam(input=suggestion, output=objective if not failed else 0.0,
+                                              cost=result["seconds"], is_failure=failed))
+        row = {"iteration": iteration, "params": {k: suggestion[k] for k in SEARCHED}, "failed": failed,
+               "objective": objective if not failed else None, "num_nodes": c.get("num_nodes"),
+               "num_edges": c.get("num_edges"), "reason": c.get("reason"), "seconds": result["seconds"],
+               "test_loss": (c.get("metrics") or {}).get("circuit", {}).get("loss")}
+        improved = not failed and (self.best() is None or objective < self.best()["objective"])
+        self.results.append(row)
+        self._save_state()
+        if improved:
+            write_circuit(c, self._prune_cfg(suggestion), self.model_dir, self.out)
+        return row
+
+    def run(self, progress: bool = True) -> dict | None:
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        configlib.save(self.cfg, self.out / "sweep_config.json", job="sweep")
+        done = len(self.results)
+        todo = self.cfg.iterations - done
+        bar = tqdm(total=self.cfg.iterations, initial=done, desc="sweep", unit="run", disable=not progress)
+        self._prepare_means()
+        threads = max(1, (os.cpu_count() or 1) // self.cfg.workers)
+        if self.cfg.workers == 1:
+            _init_worker(self.model_dir, threads)
+            for _ in range(todo):
+                s = self.carbs.suggest().suggestion
+                row = self._observe(len(self.results), s, _run_one(self._prune_cfg(s), str(self.out)))
+                self._tick(bar, row)
+        else:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(self.cfg.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=(self.model_dir, threads)) as pool:
+                running: dict[Future, tuple[int, dict]] = {}
+                launched = done
+                while len(self.results) < self.cfg.iterations:
+                    while len(running) < self.cfg.workers and launched < self.cfg.iterations:
+                        s = self.carbs.suggest().suggestion  # pending ones are imputed, so workers differ
+                        running[pool.submit(_run_one, self._prune_cfg(s), str(self.out))] = (launched, s)
+                        launched += 1
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        it, s = running.pop(fut)
+                        self._tick(bar, self._observe(it, s, fut.result()))
+        bar.close()
+        plot_sweep(self.results, self.out / "sweep.png", self.cfg.objective)
+        return self.best()
+
+    @staticmethod
+    def _tick(bar, row: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(last="fail" if row["failed"] else int(row["objective"]))
+
+    def _prepare_means(self) -> None:
+        """Compute the mean activations once, in this process, so every worker finds them cached."""
+        from pruning.graph import NodeIndex
+        from pruning.means import load_or_compute_means
+        from sparse_lm.loading import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(self.model_dir)
+        index = NodeIndex.build(model, self.cfg.prune.node_sites)
+        load_or_compute_means(model, index.names, tokenizer=tok, n_blocks=self.cfg.prune.mean_blocks,
+                              model_dir=self.model_dir, cache_dir=self.cfg.prune.cache_dir,
+                              fallback_dir=str(self.out))
+
+
+def write_circuit(circuit: dict, prune_cfg: dict, model_dir: str, out: Path) -> None:
+    """circuit.json, config.json and circuit.html, each written atomically (as `sparse-lm prune` does)."""
+    from pruning.html import write_circuit_html
+
+    atomic_write_text(out / "config.json", json.dumps({"job": "prune", **prune_cfg, "model": model_dir}, indent=2) + "\n")
+    atomic_write_text(out / "circuit.json", json.dumps(circuit, indent=1) + "\n")
+    write_circuit_html(circuit, out / "circuit.html")
+
+
+def plot_sweep(results: list[dict], png: Path, objective: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 1 + len(SEARCHED), figsize=(4 * (1 + len(SEARCHED)), 3.6))
+    it = [r["iteration"] for r in results if not r["failed"]]
+    ob = [r["objective"] for r in results if not r["failed"]]
+    fails = [r["iteration"] for r in results if r["failed"]]
+    ax = axes[0]
+    ax.plot(it, ob, "o", label="circuit")
+    best, running = [], math.inf
+    for r in results:
+        if not r["failed"]:
+            running = min(running, r["objective"])
+        best.append(running)
+    ax.step([r["iteration"] for r in results], best, where="post", label="best so far")
+    top = max(ob) if ob else 1
+    ax.plot(fails, [top] * len(fails), "rx", label="failed")
+    ax.set(xlabel="iteration", ylabel=f"circuit {objective}", title="CARBS search")
+    ax.legend(fontsize=8)
+    for ax, key in zip(axes[1:], SEARCHED):
+        xs = [r["params"][key] for r in results if not r["failed"]]
+        ax.plot(xs, ob, "o")
+        ax.plot([r["params"][key] for r in results if r["failed"]], [top] * len(fails), "rx")
+        ax.set(xscale="log" if key != "beta2" else "linear", xlabel=key)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(png, buf.getvalue())
+
+
+# -- CLI --------------------------------------------------------------------------------
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. prune.steps=300 objective=edges")
+    p.add_argument("--model", required=True, help="model folder (with tokenizer) or run folder")
+    p.add_argument("--task", default=None, help="task name or .jsonl file (sets prune.task)")
+    p.add_argument("--target-loss", type=float, default=None, help="sets prune.target_loss")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--preset", default=None, help="a sweep preset (configs/, job 'sweep')")
+    p.add_argument("--out", required=True, help="folder for the state, the best circuit and the plot")
+    p.add_argument("--print-config", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--traceback", action="store_true")
+
+
+def run_sweep(args) -> int:
+    from sparse_lm.loading import model_dir
+
+    over = list(args.overrides)
+    for key, value in (("prune.task", args.task), ("prune.target_loss", args.target_loss),
+                       ("iterations", args.iterations), ("workers", args.workers)):
+        if value is not None:
+            over.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    cfg = configlib.resolve(SweepConfig, "sweep", args.preset, over)
+    if args.print_config:
+        print(configlib.describe(cfg))
+        return 0
+    sweep = Sweep(cfg, str(model_dir(args.model)), Path(args.out))
+    best = sweep.run(progress=not args.no_progress)
+    n_fail = sum(r["failed"] for r in sweep.results)
+    if best is None:
+        print(f"sweep: no run reached the target loss in {len(sweep.results)} iterations ({n_fail} failures); "
+              f"see {args.out}/sweep.png and the reasons in {STATE_FILE}", file=sys.stderr)
+        return 1
+    print(f"sweep: best circuit {best['num_nodes']} nodes, {best['num_edges']} edges at iteration "
+          f"{best['iteration']} ({n_fail} of {len(sweep.results)} runs failed); hyperparameters "
+          f"{json.dumps({k: round(v, 6) for k, v in best['params'].items()})}")
+    print(f"sweep: wrote circuit.json, circuit.html, config.json, sweep.png, {STATE_FILE} to {args.out}")
+    return 0

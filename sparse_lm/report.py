@@ -1,0 +1,138 @@
+"""The main job's report: ``report.md`` and a self-contained ``report.html``.
+
+Both are built from the stage results the pipeline keeps in
+``runs/<name>/stages/*.json``: training curves, the task table, circuit sizes
+(sparse vs dense, learned vs attribution) with links to the circuit pages,
+and the intervention plot. Images are embedded in the HTML (base64) and
+linked from the Markdown.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from sparse_lm.io import atomic_write_text
+
+
+def _num(x: Any, fmt: str = ".3f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, fmt) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+
+
+def _rel(path: str | Path | None, base: Path) -> str | None:
+    if not path:
+        return None
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(p)
+
+
+def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, str, list[list[str]], list[str]]]:
+    """(title, text, table rows (first is the header), image paths) per section."""
+    sections = []
+    data = results.get("data")
+    if data:
+        sections.append(("Data", (
+            f"Byte-level BPE (vocab 2048) trained on the Python standard library of this interpreter: "
+            f"{data['documents']['train']} train / {data['documents']['validation']} validation files "
+            f"({data.get('skipped_files', 0)} not UTF-8, skipped), {data['tokens']['train'] / 1e6:.1f}M train tokens. "
+            f"Unigram entropy of the corpus: {data['unigram_entropy_nats']:.3f} nats/token."), [], []))
+    rows = [["model", "steps", "minutes", "ranks", "val loss (nats)", "nonzero weights (blocks)", "dead neurons"]]
+    images = []
+    for key in ("sparse", "dense"):
+        s = results.get(key)
+        if not s:
+            continue
+        rows.append([key, str(s["steps"]), f"{s['train_seconds'] / 60:.1f}", str(s["world_size"]),
+                     _num(s.get("val_loss")), _num(100 * s["kept_fraction_blocks"], ".2f") + "%"
+                     if "kept_fraction_blocks" in s else "dense",
+                     _num(100 * s["dead_neuron_share"], ".1f") + "%" if "dead_neuron_share" in s else "–"])
+        curves = Path(s["run_dir"]) / "curves.png"
+        if curves.exists():
+            images.append(str(curves))
+    if len(rows) > 1:
+        sections.append(("Training", "Both models trained through `scripts/pretrain.sh` (DeepSpeed, gloo on CPU).",
+                         rows, images))
+    ev = results.get("eval")
+    if ev:
+        dense = {r["task"]: r for r in ev.get("dense", [])}
+        rows = [["task", "sparse accuracy", "sparse loss", "dense accuracy", "dense loss"]]
+        for r in ev.get("sparse", []):
+            d = dense.get(r["task"], {})
+            rows.append([r["task"], _num(r.get("accuracy")), _num(r.get("loss")), _num(d.get("accuracy")),
+                         _num(d.get("loss"))])
+        sections.append(("Tasks", "Binary next-token tasks, test split; loss is the two-token cross-entropy "
+                                  "(chance: ln 2 = 0.693).", rows, []))
+    pr = results.get("prune")
+    if pr:
+        rows = [["task", "model", "method", "nodes", "edges", "circuit loss", "calibrated", "ablating it",
+                 "verdict", "page"]]
+        for c in pr.get("circuits", []):
+            verdict = c.get("reason") or ("keeps target, ablation destroys task" if c.get("keeps_target") and
+                                          c.get("destroys_task") else "check: " + ", ".join(
+                                              k for k in ("keeps_target", "destroys_task") if not c.get(k)))
+            rows.append([c["task"], c["model"], c["method"], _num(c.get("nodes"), "d"), _num(c.get("edges"), "d"),
+                         _num(c.get("loss")), _num(c.get("calibrated_loss")), _num(c.get("ablated_loss")),
+                         verdict, _rel(c.get("html"), run_dir) or "–"])
+        text = pr.get("summary", "Smallest circuits at the target task loss (learned masks vs attribution).")
+        sections.append(("Circuits", text, rows, []))
+    br = results.get("bridge")
+    if br:
+        text = br.get("summary", "")
+        imgs = [br["intervention_png"]] if br.get("intervention_png") else []
+        rows = [[k, _num(v)] for k, v in br.get("losses", {}).items()]
+        sections.append(("Bridge and intervention", text, [["loss", "value"], *rows] if rows else [], imgs))
+    return sections
+
+
+def write_report(results: dict[str, dict], run_dir: Path, title: str = "sparse-lm main job") -> tuple[Path, Path]:
+    run_dir = Path(run_dir)
+    sections = build_sections(results, run_dir)
+    md = [f"# {title}", ""]
+    for name, text, rows, images in sections:
+        md += [f"## {name}", "", text, ""]
+        if rows:
+            md.append("| " + " | ".join(rows[0]) + " |")
+            md.append("|" + "---|" * len(rows[0]))
+            md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+            md.append("")
+        md += [f"![{Path(i).stem}]({_rel(i, run_dir)})" for i in images] + [""]
+    md_path = run_dir / "report.md"
+    atomic_write_text(md_path, "\n".join(md) + "\n")
+
+    body = []
+    for name, text, rows, images in sections:
+        body.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(text)}</p>")
+        if rows:
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+            trs = []
+            for r in rows[1:]:
+                cells = []
+                for c in r:
+                    if c.endswith(".html") and c != "–":
+                        cells.append(f'<td><a href="{html.escape(c)}">circuit page</a></td>')
+                    else:
+                        cells.append(f"<td>{html.escape(c)}</td>")
+                trs.append("<tr>" + "".join(cells) + "</tr>")
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>")
+        for i in images:
+            p = Path(i)
+            if p.exists():
+                b64 = base64.b64encode(p.read_bytes()).decode()
+                body.append(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{b64}">'
+                            f"<figcaption>{html.escape(p.name)}</figcaption></figure>")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font:14px/1.45 system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}
+th{{background:#f3f3f3}}img{{max-width:100%;border:1px solid #eee}}h2{{border-bottom:1px solid #ddd}}</style>
+</head><body><h1>{html.escape(title)}</h1>{''.join(body)}</body></html>"""
+    html_path = run_dir / "report.html"
+    atomic_write_text(html_path, page)
+    return md_path, html_path
