@@ -1,0 +1,118 @@
+"""``sparse-lm prune``: find a task's circuit in a model folder and write it to an output folder.
+
+    sparse-lm prune --model runs/tiny/model --task single_double_quote --out circuits/quote
+    sparse-lm prune --model runs/dense/model --task single_double_quote --target-loss relative:+0.05 --out ...
+    sparse-lm prune --model M --task T --method attribution --out D steps=200 k_coef=3e-3
+
+Writes, atomically, into ``--out``: ``circuit.json`` (see `pruning.circuit`),
+``config.json`` (the resolved PruneConfig and the model path) and, when the
+HTML viewer is available, ``circuit.html``. Prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pruning.config import PruneConfig, parse_target
+
+__all__ = ["add_prune_arguments", "run_prune", "load_model_and_tokenizer", "resolve_config"]
+
+
+def add_prune_arguments(p: argparse.ArgumentParser) -> None:
+    from sparse_lm.config import list_presets
+
+    presets = ", ".join(list_presets("prune")) or "none"
+    p.add_argument("--model", required=True,
+                   help="model folder (AutoModelForCausalLM.from_pretrained) with its tokenizer")
+    p.add_argument("--task", default=None, help="task name or .jsonl file (default: the config's task)")
+    p.add_argument("--target-loss", default=None,
+                   help="target task loss in nats (0.15), or relative:+MARGIN (the model's own test loss + MARGIN)")
+    p.add_argument("--relative-margin", type=float, default=None,
+                   help="target = the model's own test loss + this margin (same as --target-loss relative:+M)")
+    p.add_argument("--method", choices=["learned", "attribution"], default=None, help="pruning method")
+    p.add_argument("--out", required=True, help="output folder for circuit.json, config.json, circuit.html")
+    p.add_argument("--preset", default=None, help=f"named preset in configs/ or a JSON path ({presets})")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: the config's)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=200 k_coef=3e-3")
+
+
+def resolve_config(args: argparse.Namespace) -> PruneConfig:
+    """Defaults <- preset <- KEY=VALUE overrides <- the explicit flags."""
+    from sparse_lm import config as configlib
+
+    overrides = []
+    for o in args.overrides or []:
+        key, _, value = o.partition("=")
+        if key.strip() == "target_loss" and value.strip().startswith("relative:"):
+            overrides.append(f"relative_margin={parse_target(value)[1]}")
+        else:
+            overrides.append(o)
+    if args.task is not None:
+        overrides.append(f"task={json.dumps(args.task)}")
+    if args.method is not None:
+        overrides.append(f"method={args.method}")
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    if args.target_loss is not None:
+        absolute, margin = parse_target(args.target_loss)
+        overrides.append(f"target_loss={absolute}" if absolute is not None else f"relative_margin={margin}")
+    if args.relative_margin is not None:
+        overrides.append(f"relative_margin={args.relative_margin}")
+    return configlib.resolve(PruneConfig, "prune", args.preset, overrides)
+
+
+def load_model_and_tokenizer(model_dir: str | Path):
+    """A model folder loaded with the Auto classes (sparse_gpt registered), and the tokenizer saved in it."""
+    import sparse_lm  # noqa: F401  (registers sparse_gpt with the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a model folder (no config.json); give the folder a training "
+                                "run exported (e.g. runs/NAME/model)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise FileNotFoundError(f"{str(path)!r} has no tokenizer (tokenizer.json); save the tokenizer into the model "
+                                "folder (tokenizer.save_pretrained(folder)) and run again")
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from sparse_lm import config as configlib
+    from sparse_lm.io import atomic_write_text
+
+    from pruning.pruner import PruneError, prune
+
+    cfg = resolve_config(args)
+    if args.print_config:
+        print(configlib.describe(cfg))
+        return 0
+    out = Path(args.out)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    circuit = prune(model, tokenizer, cfg, progress=not args.no_progress, model_dir=str(args.model),
+                    fallback_dir=str(out))
+    if circuit.failed:
+        raise PruneError(circuit.reason)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"job": "prune", **configlib.to_dict(cfg), "model": str(args.model)}
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    circuit.save(out / "circuit.json")
+    written = ["circuit.json", "config.json"]
+    try:
+        from pruning.html import write_circuit_html
+    except ImportError:
+        write_circuit_html = None
+    if write_circuit_html is not None:
+        write_circuit_html(circuit.to_json(), out / "circuit.html")
+        written.append("circuit.html")
+    print(circuit.summary())
+    secs = circuit.search.get("seconds", {})
+    print(f"   {secs.get('total', float('nan')):.1f}s; wrote {', '.join(written)} to {out}", file=sys.stdout)
+    return 0
