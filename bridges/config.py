@@ -1,0 +1,84 @@
+"""Config of the ``bridge`` job: which models, which data, and how the bridges train.
+
+Two modes, chosen by ``sparse``:
+
+- ``sparse`` unset (mode a): a new sparse model (``model`` section, weight
+  sparsity from ``sparsity``) trains together with its bridges against the
+  frozen dense model.
+- ``sparse`` set (mode b): the bridges train alone; the sparse model is frozen
+  and ``model`` / ``sparsity`` are not used.
+
+Presets live in ``configs/bridge-*.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from sparse_lm.config import ConfigError, field, section
+from sparse_lm.jobs import DataSection, OptimSection, SparseModelSection, TrainSection
+from sparse_lm.sparsity import SparsityConfig
+
+
+@dataclass
+class BridgeSection:
+    nmse: float = field(1.0, "weight of the normalised MSE of encoder and decoder (each averaged over the sites)")
+    kl_d2s: float = field(1.0, "weight of KL(dense || dense -> encoder -> rest of the sparse model), mean over sites")
+    kl_s2d: float = field(1.0, "weight of KL(dense || sparse -> decoder -> rest of the dense model), mean over sites")
+    lm: float = field(1.0, "weight of the sparse model's own next-token loss (a constant when it is frozen)")
+    afrac: float | None = field(0.25, "AbsTopK kept fraction of the encoder output, k = afrac x d_sparse "
+                                      "(None: no AbsTopK)")
+    pairing: str | list[int] = field(
+        "proportional",
+        "'proportional' (sparse residual site i <-> dense site round(i x 2Ld / 2Ls)), or one dense residual-site index "
+        "per sparse residual site, e.g. [0,2,3,5,6] (sites in order 0.resid_in, 0.resid_mid, 1.resid_in, ..., "
+        "final_resid)",
+    )
+    init: Literal["lstsq", "random"] = field(
+        "lstsq", "start of the maps: 'lstsq' (ridge regression on the activations of a few training blocks before "
+        "step 0) or 'random' (nn.Linear's default)"
+    )
+    sites_per_step: int | None = field(
+        None, "paired sites drawn at random per training step for the two KL terms (None: all; evaluation uses all)"
+    )
+
+    def validate(self) -> None:
+        for name in ("nmse", "kl_d2s", "kl_s2d", "lm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"bridge.{name} must be >= 0, got {getattr(self, name)}")
+        if self.afrac is not None and not 0 < self.afrac <= 1:
+            raise ConfigError(f"bridge.afrac must be in (0, 1] or None, got {self.afrac}")
+        if self.sites_per_step is not None and self.sites_per_step < 1:
+            raise ConfigError(f"bridge.sites_per_step must be >= 1 or None, got {self.sites_per_step}")
+        if isinstance(self.pairing, str) and self.pairing != "proportional":
+            # "0,2,3" from a command line is a list of indices too.
+            try:
+                self.pairing = [int(v) for v in self.pairing.split(",") if v.strip()]
+            except ValueError:
+                raise ConfigError(
+                    f"bridge.pairing must be 'proportional' or a list of dense site indices, got {self.pairing!r}"
+                ) from None
+        if isinstance(self.pairing, list) and any(i < 0 for i in self.pairing):
+            raise ConfigError(f"bridge.pairing indices must be >= 0, got {self.pairing}")
+
+
+@dataclass
+class BridgeConfig:
+    run_name: str = field("bridge", "name of the output folder under out_dir (--out sets both)")
+    out_dir: str = field("runs", "parent folder of output folders")
+    dense: str | None = field(None, "dense model: a `train-dense` run folder or any save_pretrained causal-LM folder "
+                                    "with its tokenizer (--dense)")
+    sparse: str | None = field(None, "trained sparse model to bridge with frozen weights (mode b, --sparse); "
+                                     "None: train a new one with its bridges (mode a)")
+    data: DataSection = section(DataSection, "corpus and packing; the tokenizer is the dense model's")
+    model: SparseModelSection = section(SparseModelSection, "shape of the sparse model trained in mode a")
+    sparsity: SparsityConfig = section(SparsityConfig, "weight sparsity of the sparse model in mode a")
+    optim: OptimSection = section(OptimSection, "AdamW and learning-rate schedule")
+    train: TrainSection = section(TrainSection, "steps, batches, precision, DeepSpeed")
+    bridge: BridgeSection = section(BridgeSection, "loss weights, encoder sparsity, site pairing")
+
+    @property
+    def mode(self) -> str:
+        """'joint' (mode a: sparse model and bridges train) or 'bridges' (mode b: bridges alone)."""
+        return "bridges" if self.sparse else "joint"

@@ -1,0 +1,238 @@
+"""The ``bridge`` job: data, the two models, :class:`Trainer`, export; and loading a bridge back.
+
+An output folder holds::
+
+    OUT/config.json            resolved BridgeConfig (job "bridge")
+    OUT/data/                  packed blocks (unless data.data_dir names prepared ones)
+    OUT/checkpoints/           DeepSpeed checkpoints (exact resume)
+    OUT/metrics.jsonl          total loss per logged step (Trainer)
+    OUT/eval_before.json       every loss component per site before training
+    OUT/bridge_metrics.json    before / after, per component and per site
+    OUT/bridges.safetensors    encoder and decoder weights (encoders.i.*, decoders.i.*)
+    OUT/bridge_config.json     config, mode, pairing, site names, widths, model paths
+    OUT/sparse_model/          the sparse model trained in mode a (save_pretrained + tokenizer)
+    OUT/summary.json, curves.png
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bridges.bridge import BridgedPair, BridgeError, evaluate_bridges, init_least_squares
+from bridges.config import BridgeConfig, BridgeSection
+from bridges.models import check_same_tokenizer, check_vocab_sizes, load_dense, load_sparse
+from sparse_lm import config as configlib
+from sparse_lm.adapters import n_layers, residual_sites
+from sparse_lm.io import atomic_dir, atomic_write_bytes, atomic_write_text
+
+BRIDGES_FILE = "bridges.safetensors"
+BRIDGE_CONFIG = "bridge_config.json"
+SPARSE_DIR = "sparse_model"
+
+
+def _json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def context_length(model) -> int | None:
+    """The longest sequence a model takes (n_positions, max_position_embeddings or block_size)."""
+    cfg = model.config
+    for key in ("n_positions", "max_position_embeddings", "block_size"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def _check_block_size(block: int, **models) -> None:
+    for name, m in models.items():
+        limit = context_length(m)
+        if limit is not None and block > limit:
+            raise BridgeError(f"data.block_size {block} is longer than the {name} model's context {limit}")
+
+
+def pairing_indices(pair: BridgedPair) -> list[int]:
+    names = residual_sites(pair.dense_sites, n_layers(pair.dense))
+    return [names.index(p.dense) for p in pair.pairs]
+
+
+def save_bridges(bridges_state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().float().contiguous().cpu() for k, v in bridges_state.items()}))
+
+
+def describe_bridge(pair: BridgedPair, cfg: BridgeConfig, dense_dir: Path, sparse_ref: str, tokenizer) -> dict:
+    from sparse_lm.tokenizer import tokenizer_hash
+
+    b = pair.bridges
+    return {
+        "job": "bridge",
+        "mode": cfg.mode,
+        "dense_model": str(dense_dir),
+        "dense_type": pair.dense.config.model_type,
+        "sparse_model": sparse_ref,
+        "pairing": pairing_indices(pair),
+        "pairs": [{"sparse": p.sparse, "dense": p.dense, "d_sparse": p.d_sparse, "d_dense": p.d_dense,
+                   "encoder_k": b.k(i)} for i, p in enumerate(pair.pairs)],
+        "sparse_sites": residual_sites(pair.sites, n_layers(pair.sparse)),
+        "dense_sites": residual_sites(pair.dense_sites, n_layers(pair.dense)),
+        "widths": {"sparse": pair.pairs[0].d_sparse, "dense": pair.pairs[0].d_dense},
+        "afrac": b.afrac,
+        "tokenizer_hash": tokenizer_hash(tokenizer) if hasattr(tokenizer, "backend_tokenizer") else None,
+        "config": configlib.to_dict(cfg),
+    }
+
+
+def format_metrics(before: dict | None, after: dict) -> str:
+    keys = ["total", "lm", "nmse_enc", "nmse_dec", "kl_d2s", "kl_s2d", "kl_dense_sparse", "dense_lm"]
+    lines = [f"   {'component':<16}{'before':>10}{'after':>10}"]
+    for k in keys:
+        b = f"{before[k]:10.4f}" if before and k in before else f"{'':>10}"
+        lines.append(f"   {k:<16}{b}{after[k]:10.4f}")
+    return "\n".join(lines)
+
+
+def run(cfg: BridgeConfig, *, resume: bool = True, progress: bool = True) -> dict:
+    """Train bridges (mode b) or a sparse model with its bridges (mode a); export; returns the summary."""
+    from sparse_lm.pretrain import prepare, sparse_model_config
+    from sparse_lm.trainer import Trainer, device, init_distributed, set_threads, shutdown_distributed
+
+    rank, world = init_distributed()
+    set_threads(cfg.train.threads, world)
+    ok = False
+    try:
+        if not cfg.dense:
+            raise BridgeError("no dense model: pass --dense DIR (a train-dense run folder or a save_pretrained folder)")
+        run_dir = Path(cfg.out_dir) / cfg.run_name
+        dense, dense_tok, dense_dir = load_dense(cfg.dense)
+        cfg.dense = str(dense_dir.resolve())
+        sparse = sparse_dir = None
+        if cfg.mode == "bridges":
+            sparse, sparse_tok, sparse_dir = load_sparse(cfg.sparse)
+            cfg.sparse = str(sparse_dir.resolve())
+            if sparse_tok is not None:
+                check_same_tokenizer(dense_tok, sparse_tok, "dense", "sparse")
+        if cfg.data.tokenizer:  # refused before any data is tokenized with it
+            from sparse_lm.tokenizer import load_tokenizer
+
+            check_same_tokenizer(dense_tok, load_tokenizer(cfg.data.tokenizer), "dense", "data")
+        else:
+            if not (dense_dir / "tokenizer.json").is_file():
+                raise BridgeError(f"the dense model folder {dense_dir} has no tokenizer.json to prepare data with: "
+                                  f"set data.tokenizer (or data.data_dir) to the dense model's tokenizer")
+            cfg.data.tokenizer = str(dense_dir)
+        resuming = resume and (run_dir / "checkpoints" / "latest").is_file()
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            configlib.save(cfg, run_dir / "config.json", job="bridge")
+        dist.barrier()
+        tokenizer, train, val, meta = prepare(cfg, run_dir, rank)
+        check_same_tokenizer(dense_tok, tokenizer, "dense", "data")
+        torch.manual_seed(cfg.train.seed)
+        if sparse is None:
+            from sparse_lm.model import SparseGPT
+
+            sparse = SparseGPT(sparse_model_config(cfg, len(tokenizer), tokenizer))
+        check_vocab_sizes(sparse, dense, tokenizer)
+        _check_block_size(cfg.data.block_size, sparse=sparse, dense=dense)
+        pair = BridgedPair(sparse, dense, cfg.bridge, train_sparse=cfg.mode == "joint").to(device())
+        n_train = sum(p.numel() for p in pair.parameters() if p.requires_grad)
+        if rank == 0:
+            print(f"bridge ({'mode a: sparse model + bridges' if cfg.mode == 'joint' else 'mode b: bridges alone'}): "
+                  f"dense {type(dense).__name__} {n_layers(dense)} layers x {pair.pairs[0].d_dense}, sparse "
+                  f"{n_layers(sparse)} layers x {pair.pairs[0].d_sparse}, {len(pair.pairs)} site pairs "
+                  f"({', '.join(f'{p.sparse}<->{p.dense}' for p in pair.pairs)}), {n_train / 1e6:.2f}M trainable "
+                  f"parameters, {cfg.train.steps} steps", flush=True)
+
+        if cfg.bridge.init == "lstsq" and not resuming:
+            used = init_least_squares(pair, train, batch_size=cfg.train.micro_batch, max_batches=4)
+            if rank == 0:
+                print(f"bridge maps initialised by ridge regression on {used} tokens", flush=True)
+        eval_n = cfg.train.eval_batches
+        before_path = run_dir / "eval_before.json"
+        before = None
+        if resuming and before_path.is_file():
+            before = json.loads(before_path.read_text())
+        elif not resuming:
+            before = evaluate_bridges(pair, val, batch_size=cfg.train.micro_batch, max_batches=eval_n)
+            if rank == 0:
+                _json(before_path, before)
+
+        trainer = Trainer(model=pair, run_dir=run_dir, train_cfg=cfg.train, optim_cfg=cfg.optim, train_tokens=train,
+                          val_tokens=val, sparsity=cfg.sparsity if cfg.mode == "joint" else None, job_config=cfg,
+                          job="bridge")
+        t0 = time.perf_counter()
+        last = trainer.fit(resume=resume, progress=progress)
+        seconds = time.perf_counter() - t0
+        state = trainer.full_fp32_state()  # a collective: every rank
+        summary: dict[str, Any] = {}
+        if rank == 0:
+            module: BridgedPair = trainer.module
+            last_components = dict(module.last_components)
+            after = evaluate_bridges(module, val, batch_size=cfg.train.micro_batch, max_batches=eval_n)
+            save_bridges({k[len("bridges."):]: v for k, v in state.items() if k.startswith("bridges.")},
+                         run_dir / BRIDGES_FILE)
+            sparse_ref = cfg.sparse
+            if cfg.mode == "joint":
+                from sparse_lm.model import SparseGPT
+
+                model = SparseGPT(sparse.config)
+                model.load_state_dict({k[len("sparse."):]: v for k, v in state.items() if k.startswith("sparse.")})
+                with atomic_dir(run_dir / SPARSE_DIR) as tmp:
+                    model.save_pretrained(tmp, safe_serialization=True)
+                    tokenizer.save_pretrained(tmp)
+                sparse_ref = SPARSE_DIR
+            _json(run_dir / BRIDGE_CONFIG, describe_bridge(module, cfg, dense_dir.resolve(), sparse_ref, tokenizer))
+            _json(run_dir / "bridge_metrics.json", {"before": before, "after": after,
+                                                    "last_train_step": last_components})
+            summary = {"job": "bridge", "mode": cfg.mode, "run_dir": str(run_dir), "steps": trainer.step,
+                       "world_size": world, "train_seconds": seconds,
+                       "before": {k: v for k, v in (before or {}).items() if k != "per_site"},
+                       "after": {k: v for k, v in after.items() if k != "per_site"},
+                       "last_train_step": last_components,
+                       **{k: v for k, v in last.items() if k != "kept_fraction"}}
+            if trainer.sparse:
+                summary["kept_fraction"] = last.get("kept_fraction")
+            _json(run_dir / "summary.json", summary)
+            from sparse_lm.plots import plot_training
+
+            plot_training(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"bridge {cfg.run_name}")
+            print(f"== bridge finished: {run_dir} ({trainer.step} steps in {seconds:.0f}s)\n"
+                  f"{format_metrics(before, after)}\n"
+                  f"   (KL in nats/token; kl_dense_sparse: KL(dense || sparse) without any bridge, the yardstick)\n"
+                  f"   bridges: {run_dir / BRIDGES_FILE}" + (f", sparse model: {run_dir / SPARSE_DIR}"
+                                                            if cfg.mode == "joint" else ""), flush=True)
+        ok = True
+        return summary
+    finally:
+        shutdown_distributed(clean=ok)
+
+
+def load_bridge(folder: str | Path, device: str | torch.device = "cpu") -> tuple[BridgedPair, Any, dict]:
+    """(frozen BridgedPair in eval mode, the shared tokenizer, bridge_config.json) of a bridge folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path = folder / BRIDGE_CONFIG
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a bridge folder (no {BRIDGE_CONFIG}); make one with "
+                                f"`sparse-lm bridge`")
+    meta = json.loads(meta_path.read_text())
+    dense, dense_tok, _ = load_dense(meta["dense_model"], device)
+    sparse_path = Path(meta["sparse_model"])
+    sparse, sparse_tok, _ = load_sparse(sparse_path if sparse_path.is_absolute() else folder / sparse_path, device)
+    if sparse_tok is not None:
+        check_same_tokenizer(dense_tok, sparse_tok, "dense", "sparse")
+    section = configlib.from_dict(BridgeSection, {**meta["config"]["bridge"], "pairing": meta["pairing"]},
+                                  prefix="bridge.")
+    pair = BridgedPair(sparse, dense, section, train_sparse=False)
+    state = load_file(str(folder / BRIDGES_FILE))
+    pair.bridges.load_state_dict(state)
+    return pair.to(device).eval(), dense_tok, meta
