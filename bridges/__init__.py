@@ -5,7 +5,8 @@ decoder (sparse -> dense, Linear), trained with normalised MSE, two hybrid
 KL terms and the sparse model's own loss; then circuit channels of the sparse
 model can be moved and the change carried into the dense model.
 
-    from bridges import BridgedPair, load_bridge, intervene
+    from bridges import BridgedPair, load_bridge
+    from bridges.intervene import intervene
     pair = BridgedPair(sparse, dense)                  # sites through sites_of(...) only
     out = pair(input_ids, labels=input_ids)            # .loss (weighted), .components
     pair.hybrid_logits(input_ids, "d2s", i)            # dense to site i, then the sparse model
@@ -23,18 +24,14 @@ from bridges.models import TokenizerMismatchError, check_same_tokenizer
 __all__ = [
     "BridgeConfig", "BridgeError", "BridgeOutput", "BridgeSection", "BridgedPair", "Bridges", "SitePair",
     "TokenizerMismatchError", "check_same_tokenizer", "evaluate_bridges", "kl_dense_hybrid", "load_bridge",
-    "intervene", "nmse", "pair_sites", "proportional_pairing",
+    "nmse", "pair_sites", "proportional_pairing",
 ]
 
 
 def __getattr__(name: str):
-    # The job and the experiment import the trainer (DeepSpeed) and tasks: only when asked for.
+    # The job module imports the trainer (DeepSpeed): only when asked for.
     if name == "load_bridge":
         from bridges.train import load_bridge
 
         return load_bridge
-    if name == "intervene":
-        from bridges.intervene import intervene
-
-        return intervene
     raise AttributeError(f"module 'bridges' has no attribute {name!r}")

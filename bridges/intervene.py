@@ -375,10 +375,11 @@ def run_intervene(args) -> int:
     from tasks import get_task
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    circuit = read_circuit(args.circuit)  # before the models load: a wrong path fails at once
+    task = get_task(args.task)
     pair, tokenizer, _ = load_bridge(args.bridge, dev)
-    circuit = read_circuit(args.circuit)
     alphas = [float(a) for a in str(args.alphas).split(",") if a.strip()]
-    result = intervene(pair, tokenizer, get_task(args.task), circuit, alphas=alphas, n_channels=args.channels,
+    result = intervene(pair, tokenizer, task, circuit, alphas=alphas, n_channels=args.channels,
                        n_controls=args.controls, split=args.split, n_examples=args.examples, seed=args.seed)
     result["bridge"] = str(Path(args.bridge).resolve())
     result["circuit"] = str(Path(args.circuit).resolve())

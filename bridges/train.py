@@ -5,7 +5,8 @@ An output folder holds::
     OUT/config.json            resolved BridgeConfig (job "bridge")
     OUT/data/                  packed blocks (unless data.data_dir names prepared ones)
     OUT/checkpoints/           DeepSpeed checkpoints (exact resume)
-    OUT/metrics.jsonl          total loss per logged step (Trainer)
+    OUT/metrics.jsonl          weighted total loss per logged step (Trainer); val_loss is the same total on
+                               validation blocks with every site in the KL terms
     OUT/eval_before.json       every loss component per site before training
     OUT/bridge_metrics.json    before / after, per component and per site
     OUT/bridges.safetensors    encoder and decoder weights (encoders.i.*, decoders.i.*)
@@ -104,12 +105,12 @@ def run(cfg: BridgeConfig, *, resume: bool = True, progress: bool = True) -> dic
     from sparse_lm.pretrain import prepare, sparse_model_config
     from sparse_lm.trainer import Trainer, device, init_distributed, set_threads, shutdown_distributed
 
+    if not cfg.dense:
+        raise BridgeError("no dense model: pass --dense DIR (a train-dense run folder or a save_pretrained folder)")
     rank, world = init_distributed()
     set_threads(cfg.train.threads, world)
     ok = False
     try:
-        if not cfg.dense:
-            raise BridgeError("no dense model: pass --dense DIR (a train-dense run folder or a save_pretrained folder)")
         run_dir = Path(cfg.out_dir) / cfg.run_name
         dense, dense_tok, dense_dir = load_dense(cfg.dense)
         cfg.dense = str(dense_dir.resolve())

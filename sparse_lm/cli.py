@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-tasks": ("tasks.cli", "evaluate a model on the binary next-token tasks"),
     "prune": ("pruning.cli", "find the smallest circuit of a model for a task (learned masks or attribution)"),
     "sweep": ("pruning.sweep", "tune the pruner's hyperparameters with CARBS for the smallest circuit"),
+    "bridge": ("bridges.cli", "train bridges between a dense transformers model and a sparse model"),
+    "intervene": ("bridges.intervene", "edit a sparse circuit channel and carry the change into the dense model"),
 }
 
 

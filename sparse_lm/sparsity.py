@@ -124,19 +124,34 @@ def topk_mask(w: torch.Tensor, k: int, fan_dims: list[int] = (), min_fan: int = 
     If the forced entries alone exceed k, they are all kept (L0 = forced count);
     :func:`check_fan_budget` rejects such configs up front.
     """
-    score = w.detach().abs().float()
+    score = w.detach().abs().float().contiguous()
+    # |w| >= 0, so its float32 bits as int32 sort like its value (inf above every finite
+    # value): torch.topk on the integers is ~1.4x faster on CPU than on the floats.
+    keys = score.view(torch.int32)
     if fan_dims and min_fan > 0:
-        forced = torch.zeros_like(score, dtype=torch.bool)
+        forced = []
         for dim in fan_dims:
-            j = min(min_fan, score.shape[dim])
-            idx = score.topk(j, dim=dim).indices
-            forced.scatter_(dim, idx, True)
-        score = score.masked_fill(forced, float("inf"))
-        k = max(k, int(forced.sum()))
+            # each slice as a contiguous row: topk along the last dim is ~1.6x faster than a strided one
+            idx = keys.movedim(dim, -1).contiguous().topk(min(min_fan, score.shape[dim]), sorted=False).indices
+            forced.append(_flat_index(score, dim, idx.movedim(-1, dim)).reshape(-1))
+        forced = torch.cat(forced)
+        score.view(-1).index_fill_(0, forced, float("inf"))  # forced entries rank above all others
+        k = max(k, int(torch.unique(forced).numel()))
     if k >= score.numel():
         return torch.ones_like(score, dtype=torch.bool)
-    idx = score.view(-1).topk(k, sorted=False).indices
-    return torch.zeros(score.numel(), dtype=torch.bool, device=w.device).scatter_(0, idx, True).view_as(w)
+    idx = keys.view(-1).topk(k, sorted=False).indices
+    return torch.zeros(score.numel(), dtype=torch.bool, device=w.device).scatter_(0, idx, True).view(w.shape)
+
+
+def _flat_index(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """Flat indices into contiguous ``t`` of ``idx``, positions along ``dim`` (as ``t.topk(dim=dim)`` gives)."""
+    flat = idx * t.stride(dim)
+    for d in range(t.dim()):
+        if d != dim % t.dim():
+            shape = [1] * t.dim()
+            shape[d] = t.shape[d]
+            flat = flat + torch.arange(t.shape[d], device=t.device).view(shape) * t.stride(d)
+    return flat
 
 
 def check_fan_budget(matrices: dict[str, nn.Parameter], cfg: SparsityConfig) -> None:

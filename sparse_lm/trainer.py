@@ -67,6 +67,11 @@ def shutdown_distributed(clean: bool = True) -> None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+        # DeepSpeed caches a clone of the world group; a second engine in this process
+        # (tests, notebooks) would find it unregistered.
+        import deepspeed.utils.groups as ds_groups
+
+        ds_groups._WORLD_GROUP = None
 
 
 def device() -> torch.device:
@@ -348,7 +353,8 @@ class Trainer:
             row: dict[str, Any] = {}
             if self.step % self.tc.log_every == 0 or done:
                 dt = time.perf_counter() - t_last
-                row = {"step": self.step, "loss": loss, "lr": self.lr_at(self.step - 1),
+                row = {"step": self.step, "loss": loss, **getattr(self.module, "last_components", {}),
+                       "lr": self.lr_at(self.step - 1),
                        "tokens": self.step * tokens_per_step, "tokens_per_s": steps_since * tokens_per_step / dt,
                        **self.sparsity_row()}
                 t_last, steps_since = time.perf_counter(), 0
