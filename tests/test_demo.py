@@ -1,0 +1,37 @@
+"""The main job at toy size (`--quick`), end to end, and a second run that redoes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from conftest import PYTHON, ROOT, subprocess_env
+
+
+@pytest.mark.slow
+def test_quick_main_job_end_to_end_and_resume(tmp_path):
+    cmd = [PYTHON, "-m", "sparse_lm.demo", "--quick", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, env=subprocess_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=1800,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    run = tmp_path / "quick"
+    assert "estimated time" in res.stdout and "ETA" in res.stdout
+    for stage in ("data", "sparse", "dense", "eval", "report"):
+        assert (run / "stages" / f"{stage}.json").exists(), stage
+    sparse = json.loads((run / "stages" / "sparse.json").read_text())
+    assert sparse["world_size"] == 2 and sparse["kept_fraction_blocks"] == pytest.approx(0.125, abs=1e-3)
+    assert sparse["val_loss"] < json.loads((run / "stages" / "data.json").read_text())["unigram_entropy_nats"] + 0.5
+    ev = json.loads((run / "stages" / "eval.json").read_text())
+    assert {r["task"] for r in ev["sparse"]} >= {"single_double_quote", "set_or_string"}
+    report = (run / "report.html").read_text()
+    assert "Tasks" in report and "data:image/png;base64" in report
+    assert (run / "report.md").exists()
+
+    t0 = time.perf_counter()
+    again = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[done] sparse" in again.stdout and "== stage sparse" not in again.stdout
+    assert time.perf_counter() - t0 < 120  # nothing retrained
