@@ -14,6 +14,10 @@ sweep's 6-D search space.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: busy-waiting threads distort timings
+
 import argparse
 import json
 import statistics
