@@ -200,4 +200,4 @@ class Circuit:
             f"   verification: keeps target {v.get('keeps_target')}, destroys task when ablated "
             f"{v.get('destroys_task')}",
             f"   calibration: scale {self.calibration['scale']:.3f}, shift {self.calibration['shift']:.3f}",
-        ])
+        ] + ([f"   warning: {self.search['warning']}"] if self.search.get("warning") else []))

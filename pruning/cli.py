@@ -5,8 +5,11 @@
     sparse-lm prune --model M --task T --method attribution --out D steps=200 k_coef=3e-3
 
 Writes, atomically, into ``--out``: ``circuit.json`` (see `pruning.circuit`),
-``config.json`` (the resolved PruneConfig and the model path) and, when the
-HTML viewer is available, ``circuit.html``. Prints a summary.
+``config.json`` (the resolved PruneConfig plus ``"job": "prune"`` and
+``"model"``: drop those two keys to rebuild the config with
+`sparse_lm.config.from_dict`) and, when the HTML viewer is available,
+``circuit.html``. Prints a summary. A model that misses the target (or any
+other failure) is an error that says why; nothing is written then.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from pruning.config import PruneConfig, parse_target
 
-__all__ = ["add_prune_arguments", "run_prune", "load_model_and_tokenizer", "resolve_config"]
+__all__ = ["add_prune_arguments", "run_prune", "resolve_config"]
 
 
 def add_prune_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +29,7 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
 
     presets = ", ".join(list_presets("prune")) or "none"
     p.add_argument("--model", required=True,
-                   help="model folder (AutoModelForCausalLM.from_pretrained) with its tokenizer")
+                   help="model folder (AutoModelForCausalLM.from_pretrained) with its tokenizer, or a run folder")
     p.add_argument("--task", default=None, help="task name or .jsonl file (default: the config's task)")
     p.add_argument("--target-loss", default=None,
                    help="target task loss in nats (0.15), or relative:+MARGIN (the model's own test loss + MARGIN)")
@@ -67,25 +70,9 @@ def resolve_config(args: argparse.Namespace) -> PruneConfig:
     return configlib.resolve(PruneConfig, "prune", args.preset, overrides)
 
 
-def load_model_and_tokenizer(model_dir: str | Path):
-    """A model folder loaded with the Auto classes (sparse_gpt registered), and the tokenizer saved in it."""
-    import sparse_lm  # noqa: F401  (registers sparse_gpt with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a model folder (no config.json); give the folder a training "
-                                "run exported (e.g. runs/NAME/model)")
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise FileNotFoundError(f"{str(path)!r} has no tokenizer (tokenizer.json); save the tokenizer into the model "
-                                "folder (tokenizer.save_pretrained(folder)) and run again")
-    model = AutoModelForCausalLM.from_pretrained(str(path))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer
-
-
 def run_prune(args: argparse.Namespace) -> int:
     from sparse_lm import config as configlib
+    from sparse_lm import loading
     from sparse_lm.io import atomic_write_text
 
     from pruning.pruner import PruneError, prune
@@ -95,13 +82,14 @@ def run_prune(args: argparse.Namespace) -> int:
         print(configlib.describe(cfg))
         return 0
     out = Path(args.out)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    circuit = prune(model, tokenizer, cfg, progress=not args.no_progress, model_dir=str(args.model),
+    model_dir = loading.model_dir(args.model)  # a run folder resolves to its model/
+    model, tokenizer = loading.load_model_and_tokenizer(model_dir)
+    circuit = prune(model, tokenizer, cfg, progress=not args.no_progress, model_dir=str(model_dir),
                     fallback_dir=str(out))
     if circuit.failed:
         raise PruneError(circuit.reason)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"job": "prune", **configlib.to_dict(cfg), "model": str(args.model)}
+    config = {"job": "prune", **configlib.to_dict(cfg), "model": str(model_dir)}
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     circuit.save(out / "circuit.json")
     written = ["circuit.json", "config.json"]

@@ -43,13 +43,15 @@ class PruneConfig:
         "site kinds whose channels are nodes, for every layer ('attn.q'), or single sites ('2.mlp.post_act')",
     )
     # -- mask optimisation (learned) --
-    steps: int = field(400, "Adam steps on the mask logits tau")
+    steps: int = field(200, "Adam steps on the mask logits tau")
     batch_size: int = field(64, "task examples per step (a random minibatch of the train split)")
     lr: float = field(0.05, "Adam learning rate of tau")
-    k_coef: float = field(1e-3, "loss weight of the number of open nodes (the sparsity pressure)")
+    k_coef: float = field(
+        3e-3, "loss weight of the number of open nodes (the sparsity pressure; too large and every node closes)"
+    )
     weight_decay: float = field(0.0, "Adam (L2) weight decay of tau, pulling it toward 0")
     beta2: float = field(0.99, "Adam beta2 (beta1 is 0.9)")
-    heaviside_temp: float = field(0.5, "temperature T of the surrogate gradient d/dtau sigmoid(tau / T)")
+    heaviside_temp: float = field(1.0, "temperature T of the surrogate gradient d/dtau sigmoid(tau / T)")
     init_value: float = field(0.1, "initial tau of every node (> 0: every node starts open)")
     init_noise: float = field(0.01, "standard deviation of the Gaussian noise added to the initial tau")
     # -- data --

@@ -592,6 +592,13 @@ def prune(
 
         count, trail = bisect_count(val_loss, index.total, target, hint=hint, known={index.total: full_val["loss"]})
         base.search["bisection"] = trail
+        if hint is not None:
+            base.search["open_at_end"] = hint
+            if count is not None and count > 2 * hint + 10:
+                base.search["warning"] = (
+                    f"the masks left {hint} nodes open but the circuit needed {count}: past the open nodes the "
+                    f"order is only a guess, so the sparsity pressure was too strong for this model (lower k_coef, "
+                    f"now {cfg.k_coef:g})")
         seconds["bisection"] = time.perf_counter() - t1
         if count is None:  # cannot happen when the full model meets the target; kept for non-monotone surprises
             base.failed, base.reason = True, "no node count reaches the target on the validation split"

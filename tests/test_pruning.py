@@ -380,7 +380,8 @@ def test_cli_writes_the_circuit_of_a_real_model_folder(tmp_path, small_data):
     assert not (tmp_path / "fail" / "circuit.json").exists()
 
     out = tmp_path / "out"
-    assert run_prune(_cli_args(run / "model", out, "--target-loss", "relative:+0.05", *small)) == 0
+    # a run folder resolves to its model/ (the means then come from the run's data)
+    assert run_prune(_cli_args(run, out, "--target-loss", "relative:+0.05", *small)) == 0
     circuit = Circuit.from_json(out / "circuit.json")
     config = json.loads((out / "config.json").read_text())
     assert config["job"] == "prune" and config["relative_margin"] == 0.05 and config["model"] == str(run / "model")
