@@ -34,8 +34,14 @@
         "destroys_task": bool,       # circuit_ablated loss >= ln 2 (chance) or accuracy <= 0.6
         "note": str},
       "calibration": {"scale": a, "shift": b},   # d' = a * d + b on d = logit(c0) - logit(c1)
-      "search": {"bisection": [[count, val_loss], ...], "train_curve": [[step, task_loss, open_nodes], ...],
-                 "seconds": {...}},
+      "search": {"bisection": [[count, val_loss], ...],   # in the order evaluated
+                 "train_curve": [[step, task_loss, open_nodes], ...],   # learned only
+                 "open_at_end": int,         # nodes the learned masks left open (learned only)
+                 "full_model_val": {"loss", "accuracy"},   # the unpruned model on the validation split
+                 "seconds": {"prepare", "optimise" | "attribution", "bisection", "evaluate", "edges",
+                             "snippets", "total"},
+                 "means_source": str, "fast_head": bool,
+                 "warning": str},            # only when the result looks untrustworthy
       "hyperparameters": {...},      # the resolved PruneConfig
       "completions": [c0, c1],       # the two completions (family 0, family 1)
       "target_tokens": [t0, t1],     # their tokens as the tokenizer spells them

@@ -32,9 +32,10 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
                    help="model folder (AutoModelForCausalLM.from_pretrained) with its tokenizer, or a run folder")
     p.add_argument("--task", default=None, help="task name or .jsonl file (default: the config's task)")
     p.add_argument("--target-loss", default=None,
-                   help="target task loss in nats (0.15), or relative:+MARGIN (the model's own test loss + MARGIN)")
+                   help="target task loss in nats (0.15), or relative:+MARGIN (the model's own loss + MARGIN; its own "
+                        "loss is the larger of its test and validation loss)")
     p.add_argument("--relative-margin", type=float, default=None,
-                   help="target = the model's own test loss + this margin (same as --target-loss relative:+M)")
+                   help="target = the model's own loss + this margin (same as --target-loss relative:+M)")
     p.add_argument("--method", choices=["learned", "attribution"], default=None, help="pruning method")
     p.add_argument("--out", required=True, help="output folder for circuit.json, config.json, circuit.html")
     p.add_argument("--preset", default=None, help=f"named preset in configs/ or a JSON path ({presets})")

@@ -11,8 +11,10 @@ The loss is the binary task loss on a random train minibatch plus
 gradient); Adam trains tau alone, the model's parameters are frozen, and tau
 is clamped to [-1, 1] after every step.
 
-Then the nodes are ordered by tau and the number kept is bisected for the
-fewest whose circuit reaches the target loss on the validation split; a scale
+Then the nodes are ordered by tau (equal taus, common at the clamp, by a
+running average of how much each node's mask lowered the task loss) and the
+number kept is bisected for the fewest whose circuit reaches the target loss
+on the validation split (galloping from the number the masks left open); a scale
 and shift of the two-token logit difference are fitted on the train split
 with LBFGS; every reported number is on the test split, and two checks are
 run: the circuit alone keeps the target, and ablating the circuit's own nodes
@@ -28,7 +30,13 @@ Use::
 
 `prune` never raises for an expected failure (the model itself misses the
 target, a diverging run): it returns a `Circuit` with ``failed=True`` and the
-reason, quickly, so a hyperparameter sweep can record it and go on.
+reason, quickly, so a hyperparameter sweep can record it and go on. A sweep
+prepares the task batches and means once (`prepare_inputs`) and passes them in.
+
+Speed: a task needs the logits of one position per prompt, so the forward pass
+stops at the ``final_resid`` site and only the last positions are unembedded
+(per architecture, `HEADS`; checked against the full forward pass before use),
+and examples are grouped by length so little padding is computed.
 """
 
 from __future__ import annotations
@@ -513,9 +521,8 @@ def prune(
 ) -> Circuit:
     """Find the smallest circuit of `model` for `cfg.task` at the target loss (see the module docstring).
 
-    `means` (from `pruning.means.load_or_compute_means`) and `data` (from
-    `load_task_data`) can be passed to skip their preparation when pruning one
-    model repeatedly (a sweep). A tokenizer is needed unless both are given (then
+    `means` and `data` (from `prepare_inputs`) can be passed to skip their
+    preparation when pruning one model repeatedly (a sweep). A tokenizer is needed unless both are given (then
     snippets are skipped). The model is moved to ``cfg.device``; its parameters'
     ``requires_grad`` and its train/eval mode are restored afterwards.
     """
