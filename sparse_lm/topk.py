@@ -54,6 +54,7 @@ def _sparse_nonzero(mask: torch.Tensor) -> torch.Tensor:
 
 # Row offsets are added in float32 while exact (below 2**24 buckets in all), else in int64.
 _FLOAT_OFFSETS_LIMIT = 2**24
+_MIN_HISTOGRAM_WIDTH = 512
 
 
 def _buckets(rows: int, n: int) -> int:
@@ -98,7 +99,9 @@ def _topk_rows_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     (rows of mostly exact zeros) and non-CPU tensors use torch.topk instead.
     """
     rows, n = score.shape
-    if not 0 < k < n or score.device.type != "cpu" or rows == 0:  # torch.topk is fast on accelerators
+    # torch.topk is fast on accelerators, and on CPU it wins for narrow rows (measured, 8192 rows, 2 threads:
+    # width 16: 0.7 vs 2.1 ms; 128: 4.3 vs 8.1 ms; 256: 8.2 vs 14.4 ms); the histogram wins from ~1024.
+    if not 0 < k < n or score.device.type != "cpu" or rows == 0 or n < _MIN_HISTOGRAM_WIDTH:
         return _topk_by_torch(score, min(max(k, 0), n))
     with torch.autocast("cpu", enabled=False):
         score = score.contiguous()

@@ -80,7 +80,15 @@ def test_model_sized_inputs(dtype):
         check_against_reference(torch.nn.functional.gelu(inputs(dist, (4, 256, 1024), dtype, gen)), 256)
 
 
-def test_ties_at_the_kth_value_go_to_the_lowest_index():
+
+@pytest.fixture(autouse=True, params=["histogram", "torch.topk"])
+def selection_path(request, monkeypatch):
+    """Run every test through both exact selections (narrow rows normally take torch.topk)."""
+    monkeypatch.setattr(topk_impl, "_MIN_HISTOGRAM_WIDTH", 0 if request.param == "histogram" else 1 << 30)
+    return request.param
+
+def test_ties_at_the_kth_value_go_to_the_lowest_index(monkeypatch):
+    monkeypatch.setattr(topk_impl, "_MIN_HISTOGRAM_WIDTH", 0)  # the histogram's own tie rule
     gen = torch.Generator().manual_seed(0)
     k, rows = 256, 64
     x = 1 + 0.4 * torch.rand(rows, 1024, generator=gen)  # below the tie
