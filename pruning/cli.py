@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pruning.config import PruneConfig, parse_target
 
-__all__ = ["add_prune_arguments", "run_prune", "resolve_config"]
+__all__ = ["add_prune_arguments", "run_prune", "resolve_config", "write_outputs"]
 
 
 def add_prune_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,6 +71,18 @@ def resolve_config(args: argparse.Namespace) -> PruneConfig:
     return configlib.resolve(PruneConfig, "prune", args.preset, overrides)
 
 
+def write_outputs(circuit: dict, prune_cfg: dict, model_dir: str, out: Path) -> None:
+    """circuit.json, config.json (the PruneConfig + job and model) and circuit.html, each written atomically."""
+    from sparse_lm.io import atomic_write_text
+
+    from pruning.html import write_circuit_html
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps({"job": "prune", **prune_cfg, "model": model_dir}, indent=2) + "\n")
+    atomic_write_text(out / "circuit.json", json.dumps(circuit, indent=1) + "\n")
+    write_circuit_html(circuit, out / "circuit.html")
+
+
 def run_prune(args: argparse.Namespace) -> int:
     from sparse_lm import config as configlib
     from sparse_lm import loading
@@ -89,18 +101,8 @@ def run_prune(args: argparse.Namespace) -> int:
                     fallback_dir=str(out))
     if circuit.failed:
         raise PruneError(circuit.reason)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"job": "prune", **configlib.to_dict(cfg), "model": str(model_dir)}
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-    circuit.save(out / "circuit.json")
-    written = ["circuit.json", "config.json"]
-    try:
-        from pruning.html import write_circuit_html
-    except ImportError:
-        write_circuit_html = None
-    if write_circuit_html is not None:
-        write_circuit_html(circuit.to_json(), out / "circuit.html")
-        written.append("circuit.html")
+    write_outputs(circuit.to_json(), configlib.to_dict(cfg), str(model_dir), out)
+    written = ["circuit.json", "config.json", "circuit.html"]
     print(circuit.summary())
     secs = circuit.search.get("seconds", {})
     print(f"   {secs.get('total', float('nan')):.1f}s; wrote {', '.join(written)} to {out}", file=sys.stdout)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pruning.carbs import CARBS, CARBSParams, LogitSpace, LogSpace, ObservationInParam, Param
+from pruning.cli import write_outputs
 from pruning.config import PruneConfig
 from sparse_lm import config as configlib
 from sparse_lm.config import field, section
@@ -138,7 +139,7 @@ class Sweep:
         self.results.append(row)
         self._save_state()
         if improved:
-            write_circuit(c, self._prune_cfg(suggestion), self.model_dir, self.out)
+            write_outputs(c, self._prune_cfg(suggestion), self.model_dir, self.out)
         return row
 
     def run(self, progress: bool = True) -> dict | None:
@@ -193,15 +194,6 @@ class Sweep:
         load_or_compute_means(model, index.names, tokenizer=tok, n_blocks=self.cfg.prune.mean_blocks,
                               model_dir=self.model_dir, cache_dir=self.cfg.prune.cache_dir,
                               fallback_dir=str(self.out))
-
-
-def write_circuit(circuit: dict, prune_cfg: dict, model_dir: str, out: Path) -> None:
-    """circuit.json, config.json and circuit.html, each written atomically (as `sparse-lm prune` does)."""
-    from pruning.html import write_circuit_html
-
-    atomic_write_text(out / "config.json", json.dumps({"job": "prune", **prune_cfg, "model": model_dir}, indent=2) + "\n")
-    atomic_write_text(out / "circuit.json", json.dumps(circuit, indent=1) + "\n")
-    write_circuit_html(circuit, out / "circuit.html")
 
 
 def plot_sweep(results: list[dict], png: Path, objective: str) -> None:

@@ -97,18 +97,13 @@ def stage_eval(p: Pipeline) -> dict:
     import torch
 
     from sparse_lm.loading import load_model_and_tokenizer
-    from tasks import TaskTokenizationError, evaluate_task, format_table, list_tasks
+    from tasks import evaluate_tasks_or_report, format_table
 
     out = {}
     for key in ("sparse", "dense"):
         model, tok = load_model_and_tokenizer(p.results[key]["model_dir"])
-        rows = []
         with torch.no_grad():
-            for name in list_tasks():
-                try:
-                    rows.append(evaluate_task(model, tok, name, "test", n=128 if p.quick else 512))
-                except TaskTokenizationError as err:
-                    rows.append({"task": name, "error": str(err).splitlines()[0]})
+            rows = evaluate_tasks_or_report(model, tok, split="test", n=128 if p.quick else 512)
         print(f"\ntasks, {key} model ({p.results[key]['model_dir']}), test split:\n{format_table(rows)}", flush=True)
         out[key] = rows
     return out

@@ -41,7 +41,7 @@ rows: `load_jsonl_task(path)`, or ``get_task("path/to/file.jsonl")``.
 """
 
 from tasks.contract import ResolvedTask, TaskTokenizationError, resolve_task
-from tasks.evaluate import describe_tasks, evaluate_task, evaluate_tasks, format_table
+from tasks.evaluate import describe_tasks, evaluate_task, evaluate_tasks, evaluate_tasks_or_report, format_table
 from tasks.jsonl import load_jsonl_task
 from tasks.loss import TaskBatch, binary_task_loss, encode_examples, family_mean, task_logits_last
 from tasks.registry import (
@@ -74,6 +74,7 @@ __all__ = [
     "encode_examples",
     "evaluate_task",
     "evaluate_tasks",
+    "evaluate_tasks_or_report",
     "family_mean",
     "format_table",
     "get_task",

@@ -22,7 +22,7 @@ def add_eval_tasks_arguments(p: argparse.ArgumentParser) -> None:
 def run_eval_tasks(args) -> int:
     import torch
 
-    from tasks import TaskTokenizationError, describe_tasks, evaluate_task, format_table, get_task, list_tasks
+    from tasks import describe_tasks, evaluate_tasks_or_report, format_table, list_tasks
 
     names = args.task or list_tasks()
     if args.list:
@@ -39,14 +39,8 @@ def run_eval_tasks(args) -> int:
     from sparse_lm.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model)
-    rows = []
     with torch.no_grad():
-        for name in names:
-            try:
-                rows.append(evaluate_task(model, tok, name, args.split, n=args.n, batch_size=args.batch_size,
-                                          seed=args.seed))
-            except TaskTokenizationError as err:  # one task this tokenizer cannot express is a row, not a crash
-                rows.append({"task": get_task(name).name, "loss": float("nan"), "accuracy": float("nan"), "examples": 0,
-                             "dropped": "-", "error": str(err).splitlines()[0]})
+        rows = evaluate_tasks_or_report(model, tok, names, args.split, n=args.n, batch_size=args.batch_size,
+                                        seed=args.seed)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0

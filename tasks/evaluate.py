@@ -86,6 +86,21 @@ def evaluate_tasks(
     return [evaluate_task(model, tokenizer, name, split, **kwargs) for name in names]
 
 
+def evaluate_tasks_or_report(
+    model: Any, tokenizer: PreTrainedTokenizerBase, names: Iterable[str] | None = None, split: Split = "test",
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """`evaluate_tasks`, except that a task this tokenizer cannot express is a row with its error, not a crash."""
+    rows: list[dict[str, Any]] = []
+    for name in list_tasks() if names is None else names:
+        try:
+            rows.append(evaluate_task(model, tokenizer, name, split, **kwargs))
+        except TaskTokenizationError as err:
+            rows.append({"task": get_task(name).name, "loss": float("nan"), "accuracy": float("nan"), "examples": 0,
+                         "dropped": "-", "error": str(err).splitlines()[0]})
+    return rows
+
+
 def describe_tasks(
     tokenizer: PreTrainedTokenizerBase | None = None,
     names: Iterable[str] | None = None,
