@@ -69,6 +69,9 @@ __all__ = ["prune", "prepare_inputs", "PruneError", "TaskData", "load_task_data"
 
 # Train examples the two calibration parameters are fitted on (more adds time, not accuracy).
 CALIBRATION_EXAMPLES = 512
+# L2 weight on log(scale) and shift in the calibration fit: small enough not to matter unless the margins are
+# perfectly separable, where it keeps the fit finite.
+CALIBRATION_L2 = 1e-3
 
 
 class PruneError(ValueError):
@@ -123,7 +126,8 @@ class Ablation:
 
     def _apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
         m = self.masks[name].to(x.dtype)
-        return x * m + self.means[name].to(x.dtype) * (1 - m)  # (..., width)
+        # mean * (1 - m) is one (width,) vector, so the only full-size operation is one fused multiply-add
+        return torch.addcmul(self.means[name].to(x.dtype) * (1 - m), x, m)  # (..., width)
 
     @contextmanager
     def installed(self, mask: torch.Tensor | None = None, *, all_sites: bool = False) -> Iterator[None]:
@@ -297,29 +301,36 @@ def fit_calibration(diff: torch.Tensor, family: torch.Tensor, steps: int = 20) -
     """Scale a and shift b of d = logit(c0) - logit(c1) minimising the task loss of a*d + b (LBFGS).
 
     The shift acts on the fixed-orientation difference, so it favours one completion
-    for every prompt; it is not a shift toward each prompt's own target.
+    for every prompt; it is not a shift toward each prompt's own target. The scale is
+    kept positive (a = exp(s): calibration must not flip the circuit's answers), and a
+    small L2 penalty on s and b keeps both finite when the train margins separate the
+    families perfectly (the unpenalised optimum is then at infinity).
     """
     if steps <= 0:
         return 1.0, 0.0
     d = diff.detach().double().cpu()
     fam = family.cpu()
-    s = orientation(fam).double()
-    a = torch.ones((), dtype=torch.float64, requires_grad=True)
+    sign = orientation(fam).double()
+    log_a = torch.zeros((), dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([a, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([log_a, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def task_loss(a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return family_mean(F.softplus(-sign * (a * d + shift)), fam)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = family_mean(F.softplus(-s * (a * d + b)), fam)
+        loss = task_loss(log_a.exp(), b) + CALIBRATION_L2 * (log_a**2 + b**2)
         loss.backward()
         return loss
 
-    before = closure().item()
+    before = task_loss(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)).item()
     opt.step(closure)
-    after = family_mean(F.softplus(-s * (a.detach() * d + b.detach())), fam).item()
-    if not math.isfinite(after) or after > before:
+    a_fit, b_fit = log_a.detach().exp(), b.detach()
+    after = task_loss(a_fit, b_fit).item()
+    if not (math.isfinite(after) and math.isfinite(float(a_fit)) and math.isfinite(float(b_fit))) or after > before:
         return 1.0, 0.0
-    return float(a.detach()), float(b.detach())
+    return float(a_fit), float(b_fit)
 
 
 def bisect_count(loss_at: Callable[[int], float], total: int, target: float, *, hint: int | None = None,

@@ -80,12 +80,19 @@ def _init_worker(model_dir: str, threads: int) -> None:
 
 
 def _run_one(prune_cfg: dict, out_dir: str) -> dict:
-    from pruning.pruner import prune
+    from pruning.pruner import prepare_inputs, prune
 
     cfg = configlib.from_dict(PruneConfig, prune_cfg)
     t0 = time.perf_counter()
-    circuit = prune(_WORKER["model"], _WORKER["tokenizer"], cfg, progress=False, model_dir=_WORKER["model_dir"],
-                    fallback_dir=out_dir)
+    # The task batches and means depend on none of the searched hyperparameters: made once per worker.
+    key = json.dumps([cfg.task, cfg.n_train, cfg.n_val, cfg.n_test, cfg.node_sites, cfg.mean_blocks])
+    if _WORKER.get("inputs_key") != key:
+        _WORKER["inputs"] = prepare_inputs(_WORKER["model"], _WORKER["tokenizer"], cfg, model_dir=_WORKER["model_dir"],
+                                           fallback_dir=out_dir)
+        _WORKER["inputs_key"] = key
+    data, means = _WORKER["inputs"]
+    circuit = prune(_WORKER["model"], _WORKER["tokenizer"], cfg, progress=False, data=data, means=means,
+                    model_dir=_WORKER["model_dir"], fallback_dir=out_dir)
     return {"circuit": circuit.to_json(), "seconds": time.perf_counter() - t0}
 
 

@@ -52,18 +52,21 @@ class Pipeline:
         return common
 
     def launch(self, command: str, preset: str, run_name: str, extra: list[str] = ()) -> dict:
-        """A training job on ``--nproc`` ranks through scripts/pretrain.sh."""
+        """A training job on ``--nproc`` ranks through scripts/pretrain.sh; returns its summary.json."""
         model = {"pretrain": ["model.n_layer=2", "model.d_model=64", "model.d_mlp=256", "model.n_head=4"],
                  "train-dense": ["model.n_layer=2", "model.n_embd=64", "model.n_inner=256", "model.n_head=4"]}
+        self.launch_job(command, ["--preset", preset, f"run_name={run_name}", *self.training_overrides(),
+                                  *(model[command] if self.quick else []), *extra])
+        return json.loads((self.run_dir / run_name / "summary.json").read_text())
+
+    def launch_job(self, command: str, args: list[str]) -> None:
         cmd = ["bash", str(ROOT / "scripts" / "pretrain.sh"), "--nproc", str(self.args.nproc), "--command", command,
-               "--", "--preset", preset, f"run_name={run_name}", *self.training_overrides(),
-               *(model[command] if self.quick else []), *extra]
+               "--", *args]
         env = dict(os.environ, PYTHON=sys.executable)
         res = subprocess.run(cmd, env=env)
         if res.returncode:
             raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {res.returncode}; fix the error above and "
                                f"run the demo again (finished stages are kept)")
-        return json.loads((self.run_dir / run_name / "summary.json").read_text())
 
 
 # -- stages ------------------------------------------------------------------------
@@ -108,6 +111,178 @@ def stage_eval(p: Pipeline) -> dict:
         out[key] = rows
     return out
 
+PRUNE_TASKS = ("single_double_quote", "bracket_counting", "set_or_string")
+# A model below this test accuracy on a task is at chance there: it has no task behaviour to find a circuit for.
+SOLVED_ACCURACY = 0.6
+PAPER_TARGET = 0.15
+
+
+def prune_overrides(quick: bool) -> dict:
+    return {"steps": 40, "n_train": 128, "n_val": 64, "n_test": 64, "mean_blocks": 8} if quick else {}
+
+
+def common_target(own: dict[str, dict], margin: float = 0.05) -> tuple[float, str]:
+    """One target loss per task for every model pruned on it, so circuit sizes compare at equal loss.
+
+    The paper's 0.15 nats when every model reaches it with room (own loss + margin <= 0.15), else the worst
+    model's own loss + margin.
+    """
+    worst = max(o["loss"] for o in own.values())
+    if worst + margin <= PAPER_TARGET:
+        return PAPER_TARGET, f"{PAPER_TARGET} (paper)"
+    target = round(worst + margin, 4)
+    return target, f"{target:.3f} (the worse model's own loss {worst:.3f} + {margin}: above the paper's 0.15)"
+
+
+def stage_prune(p: Pipeline) -> dict:
+    """Smallest circuits of three tasks in both models at a common target loss: learned masks and attribution."""
+    import torch
+
+    from pruning.cli import write_outputs
+    from pruning.config import PruneConfig
+    from pruning.pruner import evaluate, load_task_data, loss_and_accuracy, prepare_inputs, prune, _context_length
+    from sparse_lm import config as configlib
+    from sparse_lm.loading import load_model_and_tokenizer
+
+    keys = ("sparse", "dense")
+    loaded = {k: load_model_and_tokenizer(p.results[k]["model_dir"]) for k in keys}
+    rows, targets = [], {}
+    for task in PRUNE_TASKS:
+        base = configlib.from_dict(PruneConfig, {"task": task, **prune_overrides(p.quick)})
+        data, own = {}, {}
+        for k in keys:
+            model, tok = loaded[k]
+            model.eval()
+            data[k] = load_task_data(tok, base, max_length=_context_length(model))
+            with torch.no_grad():
+                val = loss_and_accuracy(evaluate(model, data[k].val)[0], data[k].val.family)
+                test = loss_and_accuracy(evaluate(model, data[k].test)[0], data[k].test.family)
+            own[k] = {"loss": max(val["loss"], test["loss"]), "accuracy": test["accuracy"]}
+        solved = [k for k in keys if own[k]["accuracy"] >= SOLVED_ACCURACY]
+        if not solved and not p.quick:
+            reason = (f"both models are at chance on {task} (test accuracy " +
+                      ", ".join(f"{k} {own[k]['accuracy']:.2f}" for k in keys) + "): no task behaviour to prune for")
+            print(f"-- {task}: {reason}", flush=True)
+            rows += [{"model": k, "task": task, "method": m, "failed": True, "reason": reason, "own": own[k]}
+                     for k in keys for m in ("learned", "attribution")]
+            continue
+        pruned = [k for k in keys if k in solved or p.quick]
+        # --quick: a tight margin, so that the toy models' circuits are not empty and every later step runs
+        target, why = common_target({k: own[k] for k in pruned}, margin=0.005 if p.quick else 0.05)
+        targets[task] = {"target_loss": target, "why": why, "own": own}
+        print(f"-- {task}: target loss {why}", flush=True)
+        for k in keys:
+            model, tok = loaded[k]
+            model_dir = p.results[k]["model_dir"]
+            for method in ("learned", "attribution"):
+                row = {"model": k, "task": task, "method": method, "target_loss": target, "own": own[k]}
+                rows.append(row)
+                if k not in pruned:
+                    row.update(failed=True, reason=f"{k} model at chance on {task} (test accuracy "
+                                                   f"{own[k]['accuracy']:.2f})")
+                    continue
+                cfg = configlib.from_dict(PruneConfig, {"task": task, "method": method, "target_loss": target,
+                                                         **prune_overrides(p.quick)})
+                out = p.run_dir / "circuits" / f"{k}-{task}-{method}"
+                print(f"   prune {k} model, {method}: ", end="", flush=True)
+                inputs = prepare_inputs(model, tok, cfg, data=data[k], model_dir=model_dir, fallback_dir=str(out))
+                c = prune(model, tok, cfg, progress=False, data=inputs[0], means=inputs[1], model_dir=model_dir,
+                          fallback_dir=str(out))
+                row.update(failed=c.failed, reason=c.reason, seconds=c.search.get("seconds", {}).get("total"))
+                if c.failed:
+                    print(f"no circuit: {c.reason}", flush=True)
+                    continue
+                write_outputs(c.to_json(), configlib.to_dict(cfg), model_dir, out)
+                m = c.metrics
+                row.update(nodes=c.num_nodes, edges=c.num_edges, total_nodes=c.total_nodes,
+                           loss=m["circuit"]["loss"], accuracy=m["circuit"]["accuracy"],
+                           calibrated_loss=m["circuit_calibrated"]["loss"], ablated_loss=m["circuit_ablated"]["loss"],
+                           full_loss=m["full_model"]["loss"], keeps_target=c.verification["keeps_target"],
+                           destroys_task=c.verification["destroys_task"], circuit_dir=str(out),
+                           html=str(out / "circuit.html"))
+                print(f"{c.num_nodes} nodes, {c.num_edges} edges; test loss {row['loss']:.3f} (model "
+                      f"{row['full_loss']:.3f}, target {target:.3f}), {row['ablated_loss']:.3f} with the circuit "
+                      f"ablated; {row['seconds']:.0f}s", flush=True)
+    return {"circuits": rows, "targets": targets, "summary": prune_summary(rows)}
+
+
+def prune_summary(rows: list[dict]) -> str:
+    import math
+
+    def find(model: str, task: str, method: str) -> dict | None:
+        return next((r for r in rows if (r["model"], r["task"], r["method"]) == (model, task, method)
+                     and not r["failed"]), None)
+
+    text = ("Circuits at one target loss per task for both models (the paper's 0.15 nats when both reach it with "
+            "0.05 to spare, else the worse model's own loss + 0.05); learned masks against attribution pruning.")
+    for label, (a, b) in {"dense/sparse": (("dense", "learned"), ("sparse", "learned")),
+                          "attribution/learned (sparse)": (("sparse", "attribution"), ("sparse", "learned"))}.items():
+        ratios = []
+        for task in PRUNE_TASKS:
+            x, y = find(a[0], task, a[1]), find(b[0], task, b[1])
+            if x and y and x["edges"] and y["edges"]:
+                ratios.append(x["edges"] / y["edges"])
+        if ratios:
+            gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+            text += f" Edge ratio {label}: {gm:.1f}x (geometric mean over {len(ratios)} task(s))."
+    return text
+
+
+def stage_bridge(p: Pipeline) -> dict:
+    """Bridges between the two trained models (both frozen), then the quote intervention."""
+    out = p.run_dir / "bridge"
+    extra = [f"data.data_dir={p.data_dir}", f"data.tokenizer={p.data_dir / 'tokenizer'}"]
+    if p.quick:
+        extra += ["train.steps=20", "train.eval_every=10", "train.checkpoint_every=10", "train.eval_batches=2",
+                  "train.micro_batch=4", "train.global_batch=8", "data.block_size=128"]
+    p.launch_job("bridge", ["--preset", "bridge-tiny-alone", "--dense", p.results["dense"]["run_dir"],
+                            "--sparse", p.results["sparse"]["model_dir"], "--out", str(out), *extra])
+    summary = json.loads((out / "summary.json").read_text())
+    result = {"bridge_dir": str(out), "losses": {**{f"{k} before": v for k, v in summary["before"].items()},
+                                                 **{f"{k} after": v for k, v in summary["after"].items()}},
+              "train_seconds": summary.get("train_seconds")}
+    result.update(run_intervention(p, out))
+    return result
+
+
+def run_intervention(p: Pipeline, bridge_dir: Path) -> dict:
+    from bridges.intervene import format_result, intervene, plot_intervention, read_circuit
+    from bridges.train import load_bridge
+    from tasks import get_task
+
+    task = "single_double_quote"
+    row = next((r for r in p.results["prune"]["circuits"]
+                if (r["model"], r["task"], r["method"]) == ("sparse", task, "learned")), None)
+    if row is None or row.get("failed"):
+        reason = f"no learned {task} circuit in the sparse model ({(row or {}).get('reason', 'not pruned')})"
+        print(f"-- intervention skipped: {reason}", flush=True)
+        return {"summary": f"Intervention skipped: {reason}."}
+    pair, tokenizer, _ = load_bridge(bridge_dir, "cpu")
+    out = p.run_dir / "intervention"
+    try:
+        r = intervene(pair, tokenizer, get_task(task), read_circuit(row["circuit_dir"]),
+                      n_examples=64 if p.quick else 256, n_controls=4 if p.quick else 8)
+    except ValueError as e:  # e.g. a circuit without residual channels
+        print(f"-- intervention skipped: {e}", flush=True)
+        return {"summary": f"Intervention skipped: {e}."}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "intervention.json", json.dumps(r, indent=2) + "\n")
+    png = plot_intervention(r, out / "intervention.png")
+    print(format_result(r), flush=True)
+    k = r["alphas"].index(max(r["alphas"]))
+    ch = r["channel"]
+    summary = (f"Bridges trained between the frozen sparse and dense models ({p.run_dir / 'bridge'}). Intervention on "
+               f"{task}: sparse circuit channel {ch['channels']} at {ch['bridge_site']}, moved toward the other "
+               f"family's mean and carried through the decoder into the dense residual at {ch['dense_site']}. At "
+               f"alpha {r['alphas'][k]:g} the dense model's probability of the other family's completion changes by "
+               f"{r['dense']['delta_p'][k]:+.3f}, against {r['control']['delta_p'][k]:+.3f} ± "
+               f"{r['control']['std'][k]:.3f} for random channels of the same count and norm (the sparse model itself: "
+               f"{r['sparse']['delta_p'][k]:+.3f}).")
+    return {"summary": summary, "intervention_png": str(png), "intervention_json": str(out / "intervention.json"),
+            "dense_delta_p": r["dense"]["delta_p"], "control_delta_p": r["control"]["delta_p"],
+            "control_std": r["control"]["std"], "sparse_delta_p": r["sparse"]["delta_p"], "alphas": r["alphas"],
+            "channel": ch}
+
 
 def stage_report(p: Pipeline) -> dict:
     from sparse_lm.report import write_report
@@ -122,6 +297,8 @@ STAGES = [
     Stage("sparse", "weight-sparse SparseGPT `tiny`, 2 ranks via scripts/pretrain.sh", 12.0, 1.5, stage_sparse),
     Stage("dense", "dense GPT-2 baseline `tiny-dense`, 2 ranks", 6.0, 1.0, stage_dense),
     Stage("eval", "binary next-token tasks on both models (test split)", 1.0, 0.3, stage_eval),
+    Stage("prune", "circuits of 3 tasks in both models: learned masks and attribution", 12.0, 1.0, stage_prune),
+    Stage("bridge", "bridges between the two models, then the quote intervention", 5.0, 1.0, stage_bridge),
     Stage("report", "runs/<name>/report.html and report.md", 0.1, 0.1, stage_report),
 ]
 
@@ -201,6 +378,17 @@ def print_summary(p: Pipeline) -> None:
                          "dense_loss": dense.get("loss", float("nan"))})
         print("   task accuracy and loss (test split):")
         print("\n".join("   " + line for line in format_table(rows).splitlines()))
+    if "prune" in r:
+        print("   circuits (nodes / edges; test loss of the circuit alone):")
+        for c in r["prune"]["circuits"]:
+            what = (f"{c['nodes']:5d} nodes {c['edges']:6d} edges  loss {c['loss']:.3f} (target {c['target_loss']:.3f})"
+                    if not c["failed"] else f"none: {c['reason']}")
+            print(f"     {c['task']:20s} {c['model']:6s} {c['method']:11s} {what}")
+        print(f"   {r['prune']['summary']}")
+    if "bridge" in r:
+        print(f"   {r['bridge']['summary']}")
+    if "report" in r:
+        print(f"   report: {r['report']['report_html']}")
 
 
 if __name__ == "__main__":

@@ -220,6 +220,17 @@ def test_calibration_fits_scale_and_shift_of_the_logit_difference():
     assert fit_calibration(diff, family, steps=0) == (1.0, 0.0)
 
 
+def test_calibration_stays_finite_and_positive_on_separable_margins():
+    family = torch.arange(200) % 2
+    s = orientation(family)
+    # every prompt right by a wide margin: the unpenalised optimum is an infinite scale
+    a, b = fit_calibration(3.0 * s, family, steps=100)
+    assert 1.0 < a < 1e3 and abs(b) < 1e3
+    # a circuit that answers every prompt wrongly is not flipped by a negative scale
+    a, _ = fit_calibration(-3.0 * s, family, steps=100)
+    assert a > 0
+
+
 def test_parse_target():
     assert parse_target("0.15") == (0.15, None)
     assert parse_target("relative:+0.05") == (None, 0.05)
