@@ -140,7 +140,9 @@ def stage_prune(p: Pipeline) -> dict:
 
     from pruning.cli import write_outputs
     from pruning.config import PruneConfig
-    from pruning.pruner import evaluate, load_task_data, loss_and_accuracy, prepare_inputs, prune, _context_length
+    from pruning.pruner import (PruneError, _context_length, evaluate, load_task_data, loss_and_accuracy,
+                                prepare_inputs, prune)
+    from tasks.contract import TaskTokenizationError
     from sparse_lm import config as configlib
     from sparse_lm.loading import load_model_and_tokenizer
 
@@ -150,10 +152,18 @@ def stage_prune(p: Pipeline) -> dict:
     for task in PRUNE_TASKS:
         base = configlib.from_dict(PruneConfig, {"task": task, **prune_overrides(p.quick)})
         data, own = {}, {}
+        try:
+            for k in keys:
+                model, tok = loaded[k]
+                model.eval()
+                data[k] = load_task_data(tok, base, max_length=_context_length(model))
+        except (TaskTokenizationError, PruneError) as e:  # e.g. a tokenizer that cannot express the task
+            print(f"-- {task}: {e}", flush=True)
+            rows += [{"model": k, "task": task, "method": m, "failed": True, "reason": str(e)}
+                     for k in keys for m in ("learned", "attribution")]
+            continue
         for k in keys:
             model, tok = loaded[k]
-            model.eval()
-            data[k] = load_task_data(tok, base, max_length=_context_length(model))
             with torch.no_grad():
                 val = loss_and_accuracy(evaluate(model, data[k].val)[0], data[k].val.family)
                 test = loss_and_accuracy(evaluate(model, data[k].test)[0], data[k].test.family)
@@ -167,7 +177,7 @@ def stage_prune(p: Pipeline) -> dict:
                      for k in keys for m in ("learned", "attribution")]
             continue
         pruned = [k for k in keys if k in solved or p.quick]
-        # --quick: a tight margin, so that the toy models' circuits are not empty and every later step runs
+        # --quick: a tight margin; the toy models are at chance, so even then their circuits may well be empty
         target, why = common_target({k: own[k] for k in pruned}, margin=0.005 if p.quick else 0.05)
         targets[task] = {"target_loss": target, "why": why, "own": own}
         print(f"-- {task}: target loss {why}", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,15 +20,27 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     run = tmp_path / "quick"
     assert "estimated time" in res.stdout and "ETA" in res.stdout
-    for stage in ("data", "sparse", "dense", "eval", "report"):
+    for stage in ("data", "sparse", "dense", "eval", "prune", "bridge", "report"):
         assert (run / "stages" / f"{stage}.json").exists(), stage
     sparse = json.loads((run / "stages" / "sparse.json").read_text())
-    assert sparse["world_size"] == 2 and sparse["kept_fraction_blocks"] == pytest.approx(0.125, abs=1e-3)
+    target = json.loads((ROOT / "configs" / "tiny.json").read_text())["sparsity"]["target_fraction"]
+    assert sparse["world_size"] == 2 and sparse["kept_fraction_blocks"] == pytest.approx(target, abs=1e-3)
     assert sparse["val_loss"] < json.loads((run / "stages" / "data.json").read_text())["unigram_entropy_nats"] + 0.5
     ev = json.loads((run / "stages" / "eval.json").read_text())
     assert {r["task"] for r in ev["sparse"]} >= {"single_double_quote", "set_or_string"}
+    # --quick prunes every task in both models, at a tight target over the toy models' own loss
+    prune = json.loads((run / "stages" / "prune.json").read_text())
+    assert len(prune["circuits"]) == 12
+    found = [c for c in prune["circuits"] if not c["failed"]]
+    assert found, [c["reason"] for c in prune["circuits"]]
+    for c in found:
+        circuit = json.loads((Path(c["circuit_dir"]) / "circuit.json").read_text())
+        assert circuit["num_nodes"] == c["nodes"] and circuit["target_loss"] == pytest.approx(c["target_loss"])
+        assert (Path(c["circuit_dir"]) / "circuit.html").exists()
+    bridge = json.loads((run / "stages" / "bridge.json").read_text())
+    assert (run / "bridge" / "summary.json").exists() and bridge["losses"]
     report = (run / "report.html").read_text()
-    assert "Tasks" in report and "data:image/png;base64" in report
+    assert "Tasks" in report and "Circuits" in report and "Bridge" in report and "data:image/png;base64" in report
     assert (run / "report.md").exists()
 
     t0 = time.perf_counter()
