@@ -1,6 +1,11 @@
 """The main job: from the embedded corpus to trained models (and, as stages land, circuits).
 
-    python -m sparse_lm.demo [--quick] [--name NAME] [--out runs] [--nproc 2] [--redo STAGE ...]
+    python -m sparse_lm.demo [--quick] [--preset tiny|paper-1x] [--name NAME] [--out runs] [--nproc N]
+                             [--redo STAGE ...]
+
+The default is the `tiny` preset pair (`tiny` sparse, `tiny-dense` dense), sized for a 2-core CPU;
+``--preset paper-1x`` runs the same stages on the paper's 1x shape (`paper-1x`, `paper-1x-dense`),
+meant for GPUs (one rank per GPU through scripts/pretrain.sh unless --nproc says otherwise).
 
 Each stage writes ``runs/<name>/stages/<stage>.json`` when it finishes; a
 second run skips finished stages, and a stage that was interrupted resumes
@@ -60,8 +65,12 @@ class Pipeline:
         return json.loads((self.run_dir / run_name / "summary.json").read_text())
 
     def launch_job(self, command: str, args: list[str]) -> None:
-        cmd = ["bash", str(ROOT / "scripts" / "pretrain.sh"), "--nproc", str(self.args.nproc), "--command", command,
-               "--", *args]
+        import torch
+
+        # CPU: 2 ranks unless told; GPUs: pretrain.sh starts one rank per GPU unless told
+        gpus = torch.cuda.is_available()
+        nproc = [] if self.args.nproc is None and gpus else ["--nproc", str(self.args.nproc or 2)]
+        cmd = ["bash", str(ROOT / "scripts" / "pretrain.sh"), *nproc, "--command", command, "--", *args]
         env = dict(os.environ, PYTHON=sys.executable)
         res = subprocess.run(cmd, env=env)
         if res.returncode:
@@ -89,11 +98,11 @@ def stage_data(p: Pipeline) -> dict:
 
 
 def stage_sparse(p: Pipeline) -> dict:
-    return p.launch("pretrain", "tiny", "sparse")
+    return p.launch("pretrain", p.args.preset, "sparse")
 
 
 def stage_dense(p: Pipeline) -> dict:
-    return p.launch("train-dense", "tiny-dense", "dense")
+    return p.launch("train-dense", f"{p.args.preset}-dense", "dense")
 
 
 def stage_eval(p: Pipeline) -> dict:
@@ -304,8 +313,8 @@ def stage_report(p: Pipeline) -> dict:
 
 STAGES = [
     Stage("data", "train the BPE tokenizer and pack the standard library", 1.0, 0.3, stage_data),
-    Stage("sparse", "weight-sparse SparseGPT `tiny`, 2 ranks via scripts/pretrain.sh", 12.0, 1.5, stage_sparse),
-    Stage("dense", "dense GPT-2 baseline `tiny-dense`, 2 ranks", 6.0, 1.0, stage_dense),
+    Stage("sparse", "weight-sparse SparseGPT (preset), through scripts/pretrain.sh", 12.0, 1.5, stage_sparse),
+    Stage("dense", "dense GPT-2 baseline (preset-dense), through scripts/pretrain.sh", 6.0, 1.0, stage_dense),
     Stage("eval", "binary next-token tasks on both models (test split)", 1.0, 0.3, stage_eval),
     Stage("prune", "circuits of 3 tasks in both models: learned masks and attribution", 12.0, 1.0, stage_prune),
     Stage("bridge", "bridges between the two models, then the quote intervention", 5.0, 1.0, stage_bridge),
@@ -320,12 +329,17 @@ def _fmt(minutes: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sparse_lm.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the same stages at toy size (smoke test, a few minutes)")
-    ap.add_argument("--name", default=None, help="run folder name under --out (default: default, or quick)")
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "paper-1x"],
+                    help="model presets: tiny (2-core CPU, the default) or paper-1x (GPUs); the dense baseline is "
+                         "PRESET-dense")
+    ap.add_argument("--name", default=None,
+                    help="run folder name under --out (default: default, quick, or the preset's name)")
     ap.add_argument("--out", default="runs")
-    ap.add_argument("--nproc", type=int, default=2, help="ranks for the training stages")
+    ap.add_argument("--nproc", type=int, default=None,
+                    help="ranks for the training stages (default: 2 on CPU, one per GPU)")
     ap.add_argument("--redo", nargs="*", default=[], metavar="STAGE", help="run these stages again")
     args = ap.parse_args(argv)
-    args.name = args.name or ("quick" if args.quick else "default")
+    args.name = args.name or ("quick" if args.quick else "default" if args.preset == "tiny" else args.preset)
     p = Pipeline(args)
     p.stage_dir.mkdir(parents=True, exist_ok=True)
     unknown = set(args.redo) - {s.name for s in STAGES}
@@ -344,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             todo.append((s, est))
     remaining = sum(e for _, e in todo)
-    print(f"   estimated time: {_fmt(remaining)} on a 2-core CPU machine", flush=True)
+    if args.preset == "tiny":
+        print(f"   estimated time: {_fmt(remaining)} on a 2-core CPU machine", flush=True)
+    else:
+        print(f"   estimated time: not measured for {args.preset} (the stage times above are the tiny preset's on a "
+              f"2-core CPU)", flush=True)
 
     t_start = time.perf_counter()
     for s, est in todo:

@@ -48,3 +48,27 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[done] sparse" in again.stdout and "== stage sparse" not in again.stdout
     assert time.perf_counter() - t0 < 120  # nothing retrained
+
+
+def test_common_target_is_the_papers_unless_a_model_misses_it():
+    from sparse_lm.demo import common_target
+
+    assert common_target({"sparse": {"loss": 0.05}, "dense": {"loss": 0.09}})[0] == 0.15
+    target, why = common_target({"sparse": {"loss": 0.05}, "dense": {"loss": 0.3}})
+    assert target == pytest.approx(0.35) and "0.300" in why
+    assert common_target({"sparse": {"loss": 0.12}}, margin=0.01)[0] == 0.15
+
+
+def test_prune_summary_gives_geometric_mean_edge_ratios():
+    from sparse_lm.demo import prune_summary
+
+    def row(model, task, method, edges, failed=False):
+        return {"model": model, "task": task, "method": method, "edges": edges, "failed": failed}
+
+    rows = [row("sparse", "single_double_quote", "learned", 10), row("dense", "single_double_quote", "learned", 40),
+            row("sparse", "bracket_counting", "learned", 20), row("dense", "bracket_counting", "learned", 20),
+            row("sparse", "single_double_quote", "attribution", 30),
+            row("dense", "set_or_string", "learned", 5), row("sparse", "set_or_string", "learned", 0, failed=True)]
+    text = prune_summary(rows)
+    assert "dense/sparse: 2.0x (geometric mean over 2 task(s))" in text  # sqrt(4 * 1)
+    assert "attribution/learned (sparse): 3.0x (geometric mean over 1 task(s))" in text
