@@ -72,13 +72,14 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
                                   "(chance: ln 2 = 0.693).", rows, []))
     pr = results.get("prune")
     if pr:
-        rows = [["task", "model", "method", "nodes", "edges", "circuit loss", "calibrated", "ablating it",
+        rows = [["task", "model", "method", "target", "nodes", "edges", "circuit loss", "calibrated", "ablating it",
                  "verdict", "page"]]
         for c in pr.get("circuits", []):
             verdict = c.get("reason") or ("keeps target, ablation destroys task" if c.get("keeps_target") and
                                           c.get("destroys_task") else "check: " + ", ".join(
                                               k for k in ("keeps_target", "destroys_task") if not c.get(k)))
-            rows.append([c["task"], c["model"], c["method"], _num(c.get("nodes"), "d"), _num(c.get("edges"), "d"),
+            rows.append([c["task"], c["model"], c["method"], _num(c.get("target_loss")), _num(c.get("nodes"), "d"),
+                         _num(c.get("edges"), "d"),
                          _num(c.get("loss")), _num(c.get("calibrated_loss")), _num(c.get("ablated_loss")),
                          verdict, _rel(c.get("html"), run_dir) or "–"])
         text = pr.get("summary", "Smallest circuits at the target task loss (learned masks vs attribution).")
