@@ -335,8 +335,8 @@ STAGES = [
     Stage("sparse", "weight-sparse SparseGPT (preset), through scripts/pretrain.sh", 42.0, 1.5, stage_sparse),
     Stage("dense", "dense GPT-2 baseline (preset-dense), through scripts/pretrain.sh", 15.0, 1.0, stage_dense),
     Stage("eval", "binary next-token tasks on both models (test split)", 9.0, 0.5, stage_eval),
-    Stage("prune", "circuits of 3 tasks in both models: learned masks and attribution", 12.0, 1.0, stage_prune),
-    Stage("bridge", "bridges between the two models, then the quote intervention", 5.0, 1.0, stage_bridge),
+    Stage("prune", "circuits of 3 tasks in both models: learned masks and attribution", 9.5, 1.0, stage_prune),
+    Stage("bridge", "bridges between the two models, then the quote intervention", 13.0, 1.0, stage_bridge),
     Stage("report", "runs/<name>/report.html and report.md", 0.1, 0.1, stage_report),
 ]
 
