@@ -324,8 +324,8 @@ ABSTOPK_VARIANTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 }
 
 
-def topk_mask_previous(w: torch.Tensor, k: int, fan_dims=(), min_fan: int = 0) -> torch.Tensor:
-    """``sparsity.topk_mask`` before this benchmark: torch.topk per slice and on the flat matrix."""
+def _fan_forced_scores(w: torch.Tensor, k: int, fan_dims, min_fan: int) -> tuple[torch.Tensor, int]:
+    """|w| with each slice's min_fan largest entries forced in (score inf), and k raised to cover them."""
     score = w.detach().abs().float()
     if fan_dims and min_fan > 0:
         forced = torch.zeros_like(score, dtype=torch.bool)
@@ -334,6 +334,12 @@ def topk_mask_previous(w: torch.Tensor, k: int, fan_dims=(), min_fan: int = 0) -
             forced.scatter_(dim, idx, True)
         score = score.masked_fill(forced, float("inf"))
         k = max(k, int(forced.sum()))
+    return score, k
+
+
+def topk_mask_previous(w: torch.Tensor, k: int, fan_dims=(), min_fan: int = 0) -> torch.Tensor:
+    """``sparsity.topk_mask`` before this benchmark: torch.topk per slice and on the flat matrix."""
+    score, k = _fan_forced_scores(w, k, fan_dims, min_fan)
     if k >= score.numel():
         return torch.ones_like(score, dtype=torch.bool)
     idx = score.view(-1).topk(k, sorted=False).indices
@@ -342,14 +348,7 @@ def topk_mask_previous(w: torch.Tensor, k: int, fan_dims=(), min_fan: int = 0) -
 
 def topk_mask_kthvalue(w: torch.Tensor, k: int, fan_dims=(), min_fan: int = 0) -> torch.Tensor:
     """The same with the flat selection as a kthvalue threshold (+ tie fix-up)."""
-    score = w.detach().abs().float()
-    if fan_dims and min_fan > 0:
-        forced = torch.zeros_like(score, dtype=torch.bool)
-        for dim in fan_dims:
-            idx = score.topk(min(min_fan, score.shape[dim]), dim=dim).indices
-            forced.scatter_(dim, idx, True)
-        score = score.masked_fill(forced, float("inf"))
-        k = max(k, int(forced.sum()))
+    score, k = _fan_forced_scores(w, k, fan_dims, min_fan)
     if k >= score.numel():
         return torch.ones_like(score, dtype=torch.bool)
     flat = score.view(1, -1)
