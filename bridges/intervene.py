@@ -46,6 +46,7 @@ from sparse_lm.sites import SiteRegistry
 
 RESIDUAL_KINDS = ("attn.act_in", "attn.resid_delta", "mlp.act_in", "mlp.resid_delta", "resid_in", "resid_mid")
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
+CHUNK_TOKENS = 8192  # padded tokens per forward pass
 
 
 @dataclass(frozen=True)
@@ -132,19 +133,21 @@ def added_at_last_position(sites: SiteRegistry, site: str, delta: torch.Tensor,
 
 @torch.no_grad()
 def p_other(model, sites: SiteRegistry, batch, site: str | None = None,
-            delta: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,) probability of the other family's completion under the two-token softmax, optionally with a change."""
-    from tasks.loss import margins, task_logits_last
+            delta: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """(B,) probability of the other family's completion under the two-token softmax, optionally with a change
+    ``delta`` (B, d) added at ``site`` at each prompt's last position."""
+    from tasks.loss import length_chunks, margins, task_logits_last
 
-    def run():
-        return task_logits_last(model, batch.input_ids, batch.lengths)
-
-    if site is None:
-        last = run()
-    else:
-        with added_at_last_position(sites, site, delta, batch.lengths):
-            last = run()
-    return torch.sigmoid(-margins(last, batch.target_ids, batch.distractor_ids)).cpu()
+    out = torch.empty(len(batch.lengths))
+    for idx in length_chunks(batch.lengths, chunk_tokens):
+        sub = batch.select(idx.to(batch.lengths.device))
+        if site is None:
+            last = task_logits_last(model, sub.input_ids, sub.lengths)
+        else:
+            with added_at_last_position(sites, site, delta[idx.to(delta.device)], sub.lengths):
+                last = task_logits_last(model, sub.input_ids, sub.lengths)
+        out[idx] = torch.sigmoid(-margins(last, sub.target_ids, sub.distractor_ids)).float().cpu()
+    return out
 
 
 @torch.no_grad()

@@ -49,6 +49,11 @@ class PruneConfig:
     k_coef: float = field(
         3e-3, "loss weight of the number of open nodes (the sparsity pressure; too large and every node closes)"
     )
+    collapse_retries: int = field(
+        2, "when the masked task loss collapses toward chance (k_coef too strong for this model: every node "
+        "closes at once), train the masks again with k_coef / 3 and the next seed, up to this many times (0: never; a sweep uses "
+        "0 so that CARBS sees the collapse)"
+    )
     weight_decay: float = field(0.0, "Adam (L2) weight decay of tau, pulling it toward 0")
     beta2: float = field(0.99, "Adam beta2 (beta1 is 0.9)")
     heaviside_temp: float = field(1.0, "temperature T of the surrogate gradient d/dtau sigmoid(tau / T)")
@@ -77,7 +82,7 @@ class PruneConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
-        for key in ("calibrate_steps", "snippets", "max_listed_edges"):
+        for key in ("calibrate_steps", "snippets", "max_listed_edges", "collapse_retries"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not (self.target_loss > 0 and math.isfinite(self.target_loss)):

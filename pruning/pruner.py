@@ -9,7 +9,11 @@ straight-through with ``d/dtau sigmoid(tau / T)`` as the surrogate gradient.
 The loss is the binary task loss on a random train minibatch plus
 ``k_coef x sum(m)`` (the number of open nodes, with the same surrogate
 gradient); Adam trains tau alone, the model's parameters are frozen, and tau
-is clamped to [-1, 1] after every step.
+is clamped to [-1, 1] after every step. A k_coef tuned on one model can be far
+too strong for another (a dense model spreads the task over many weakly
+important channels, and every node closes at once): when the masked task loss
+stays near chance, the masks are trained again with k_coef / 3 and a new seed
+(``collapse_retries``; a sweep turns this off).
 
 Then the nodes are ordered by tau (equal taus, common at the clamp, by a
 running average of how much each node's mask lowered the task loss) and the
@@ -45,7 +49,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +62,7 @@ from pruning.config import PruneConfig
 from pruning.graph import NodeIndex, circuit_edges
 from pruning.means import Means, load_or_compute_means, top_snippets
 from sparse_lm.adapters import n_layers, sites_of
-from tasks.loss import TaskBatch, encode_examples, family_mean, margins, task_logits_last
+from tasks.loss import TaskBatch, encode_examples, family_mean, length_chunks, margins, task_logits_last
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -246,17 +250,8 @@ def fast_head_ok(model: nn.Module, batch: TaskBatch, n: int = 4) -> bool:
 
 
 def _length_chunks(batch: TaskBatch, chunk_tokens: int) -> list[torch.Tensor]:
-    """Index tensors that cut the batch into chunks of similar length (little padding), each about
-    `chunk_tokens` padded tokens."""
-    order = torch.argsort(batch.lengths.cpu(), stable=True)
-    lengths = batch.lengths.cpu()[order].tolist()
-    chunks, start = [], 0
-    for i in range(1, len(order) + 1):
-        # the chunk [start, i) is padded to lengths[i - 1] (sorted ascending)
-        if i == len(order) or (i + 1 - start) * lengths[i] > chunk_tokens:
-            chunks.append(order[start:i])
-            start = i
-    return [c.to(batch.input_ids.device) for c in chunks]
+    """`tasks.loss.length_chunks` of the batch, on the batch's device."""
+    return [c.to(batch.input_ids.device) for c in length_chunks(batch.lengths, chunk_tokens)]
 
 
 def batch_margins(model: nn.Module, batch: TaskBatch, *, chunk_tokens: int = 8192, fast: bool = True,
@@ -407,15 +402,36 @@ def frozen(model: nn.Module) -> Iterator[None]:
 # ---------------------------------------------------------------------------- learned masks
 
 
+# A retry after a collapse weakens the sparsity pressure by this factor and draws new initial noise and
+# minibatches: both a too-strong k_coef and an unlucky first few Adam steps (which move every tau by about lr,
+# whatever its gradient, so many nodes cross zero together) end in a collapse.
+COLLAPSE_K_FACTOR = 3.0
+
+
+class MaskCollapse(Exception):
+    """The masked task loss stayed near chance: the sparsity pressure closed the nodes the task needs."""
+
+    def __init__(self, step: int, loss: float, curve: list[list[float]]):
+        super().__init__(f"masked task loss {loss:.3f} at step {step}")
+        self.step, self.loss, self.curve = step, loss, curve
+
+
 def train_masks(model: nn.Module, ablation: Ablation, train: TaskBatch, cfg: PruneConfig, *,
-                progress: bool = True, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
+                progress: bool = True, fast: bool = True, k_coef: float | None = None,
+                collapse_at: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
     """Adam on tau; returns (final tau (N,), importance (N,), curve [[step, task loss, open nodes]]).
 
     importance is a running average of -d(task loss)/d(mask): how much opening a node
     would lower the loss (or closing it raise it) in the circuits seen late in training.
     It orders nodes whose tau is equal, which is common: the clamp leaves many at
     exactly -1 or 1.
+
+    With `collapse_at`, raises `MaskCollapse` once a fifth of the steps are done and a running mean of
+    the task loss is still above it: past that point the masks rarely recover, and the rest is wasted.
     """
+    k_coef = cfg.k_coef if k_coef is None else k_coef
+    ema = None
+    check_from = max(10, cfg.steps // 5)
     device = train.input_ids.device
     gen = torch.Generator().manual_seed(cfg.seed)
     n = ablation.index.total
@@ -444,7 +460,7 @@ def train_masks(model: nn.Module, ablation: Ablation, train: TaskBatch, cfg: Pru
             ablation.set(mask)
             margin = batch_margins(model, mb, chunk_tokens=cfg.chunk_tokens, fast=fast)[0]  # (b,)
             task_loss = family_mean(F.softplus(-margin), mb.family)
-            loss = task_loss + cfg.k_coef * mask.sum()
+            loss = task_loss + k_coef * mask.sum()
             if not torch.isfinite(loss):
                 raise PruneError(f"the pruning loss became {loss.item()} at step {step}; lower lr or k_coef")
             opt.zero_grad(set_to_none=True)
@@ -453,12 +469,15 @@ def train_masks(model: nn.Module, ablation: Ablation, train: TaskBatch, cfg: Pru
             with torch.no_grad():
                 tau.clamp_(-1.0, 1.0)
                 # d(loss)/d(mask) = d(task loss)/d(mask) + k_coef
-                importance.mul_(0.95).add_(cfg.k_coef - mask.grad, alpha=0.05)
+                importance.mul_(0.95).add_(k_coef - mask.grad, alpha=0.05)
+            ema = task_loss.item() if ema is None else 0.9 * ema + 0.1 * task_loss.item()
             if step % log_every == 0 or step == cfg.steps - 1:
                 n_open = int(mask.sum().item())
                 curve.append([step, round(task_loss.item(), 6), n_open])
                 if progress:
                     steps.set_postfix(loss=f"{task_loss.item():.3f}", open=n_open)
+            if collapse_at is not None and step >= check_from and ema > collapse_at:
+                raise MaskCollapse(step, ema, curve)
     return tau.detach(), importance, curve
 
 
@@ -586,8 +605,25 @@ def prune(
         tau = None
         try:
             if cfg.method == "learned":
-                tau, importance, curve = train_masks(model, ablation, data.train, cfg, progress=progress, fast=fast)
-                base.search["train_curve"] = curve
+                # Collapse: the running task loss stays past 3/4 of the way from the model's own loss to chance.
+                collapse_at = full_val["loss"] + 0.75 * max(0.0, math.log(2) - full_val["loss"])
+                k_coef, seed, collapses = cfg.k_coef, cfg.seed, []
+                for attempt in range(cfg.collapse_retries + 1):
+                    last = attempt == cfg.collapse_retries
+                    try:
+                        tau, importance, curve = train_masks(model, ablation, data.train, replace(cfg, seed=seed),
+                                                             progress=progress, fast=fast, k_coef=k_coef,
+                                                             collapse_at=None if last else collapse_at)
+                        break
+                    except MaskCollapse as e:
+                        collapses.append({"k_coef": k_coef, "seed": seed, "step": e.step, "loss": round(e.loss, 4)})
+                        if progress:
+                            print(f"masks collapsed with k_coef {k_coef:g}, seed {seed} ({e}); again with k_coef "
+                                  f"{k_coef / COLLAPSE_K_FACTOR:g}, seed {seed + 1}", flush=True)
+                        k_coef, seed = k_coef / COLLAPSE_K_FACTOR, seed + 1
+                base.search.update(train_curve=curve, k_coef=k_coef, seed=seed)
+                if collapses:
+                    base.search["collapses"] = collapses
                 scores = tau
                 order = order_nodes(tau, tie_break=importance)
                 hint = int((tau > 0).sum())
@@ -616,7 +652,7 @@ def prune(
                 base.search["warning"] = (
                     f"the masks left {hint} nodes open but the circuit needed {count}: past the open nodes the "
                     f"order is only a guess, so the sparsity pressure was too strong for this model (lower k_coef, "
-                    f"now {cfg.k_coef:g})")
+                    f"now {base.search.get('k_coef', cfg.k_coef):g})")
         seconds["bisection"] = time.perf_counter() - t1
         if count is None:  # cannot happen when the full model meets the target; kept for non-monotone surprises
             base.failed, base.reason = True, "no node count reaches the target on the validation split"

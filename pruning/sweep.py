@@ -82,7 +82,8 @@ def _init_worker(model_dir: str, threads: int) -> None:
 def _run_one(prune_cfg: dict, out_dir: str) -> dict:
     from pruning.pruner import prepare_inputs, prune
 
-    cfg = configlib.from_dict(PruneConfig, prune_cfg)
+    # No retries with a smaller k_coef: CARBS must see what its k_coef does.
+    cfg = configlib.from_dict(PruneConfig, {**prune_cfg, "collapse_retries": 0})
     t0 = time.perf_counter()
     # The task batches and means depend on none of the searched hyperparameters: made once per worker.
     key = json.dumps([cfg.task, cfg.n_train, cfg.n_val, cfg.n_test, cfg.node_sites, cfg.mean_blocks])

@@ -226,7 +226,11 @@ def prune_one(p: Pipeline, loaded, key: str, data, task: str, method: str, targe
     inputs = prepare_inputs(model, tok, cfg, data=data, model_dir=model_dir, fallback_dir=str(out))
     c = prune(model, tok, cfg, progress=False, data=inputs[0], means=inputs[1], model_dir=model_dir,
               fallback_dir=str(out))
-    row = {"failed": c.failed, "reason": c.reason, "seconds": c.search.get("seconds", {}).get("total")}
+    row = {"failed": c.failed, "reason": c.reason, "seconds": c.search.get("seconds", {}).get("total"),
+           "k_coef": c.search.get("k_coef"), "collapses": c.search.get("collapses", [])}
+    for fall in row["collapses"]:
+        print(f"masks collapsed with k_coef {fall['k_coef']:g} (loss {fall['loss']:.3f} at step {fall['step']}); ",
+              end="", flush=True)
     if c.failed:
         print(f"no circuit: {c.reason}", flush=True)
         return row
@@ -332,7 +336,7 @@ def stage_report(p: Pipeline) -> dict:
 
 STAGES = [
     Stage("data", "train the BPE tokenizer and pack the standard library", 1.0, 0.3, stage_data),
-    Stage("sparse", "weight-sparse SparseGPT (preset), through scripts/pretrain.sh", 42.0, 1.5, stage_sparse),
+    Stage("sparse", "weight-sparse SparseGPT (preset), through scripts/pretrain.sh", 61.0, 1.5, stage_sparse),
     Stage("dense", "dense GPT-2 baseline (preset-dense), through scripts/pretrain.sh", 15.0, 1.0, stage_dense),
     Stage("eval", "binary next-token tasks on both models (test split)", 9.0, 0.5, stage_eval),
     Stage("prune", "circuits of 3 tasks in both models: learned masks and attribution", 9.5, 1.0, stage_prune),

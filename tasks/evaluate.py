@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.contract import TaskTokenizationError
-from tasks.loss import encode_examples, margins, task_logits_last
+from tasks.loss import encode_examples, length_chunks, margins, task_logits_last
 from tasks.registry import Split, Task, get_task, list_tasks
 
 if TYPE_CHECKING:
@@ -49,9 +49,10 @@ def evaluate_task(
     corrects: list[torch.Tensor] = []
     families: list[torch.Tensor] = []
     try:
-        for start in range(0, len(resolved.examples), batch_size):
-            batch = encode_examples(tokenizer, resolved.examples[start : start + batch_size], max_length=max_length)
-            batch = batch.to(device)
+        everything = encode_examples(tokenizer, resolved.examples, max_length=max_length)
+        # groups of similar length (at most batch_size prompts): little of the work goes to padding
+        for idx in length_chunks(everything.lengths, chunk_tokens=batch_size * 256, max_rows=batch_size):
+            batch = everything.select(idx).to(device)
             last = task_logits_last(model, batch.input_ids, batch.lengths)  # (B, V)
             margin = margins(last, batch.target_ids, batch.distractor_ids)  # (B,)
             losses.append(F.softplus(-margin).cpu())

@@ -129,6 +129,23 @@ def _completion_ids(
     return ids  # type: ignore[return-value]
 
 
+def length_chunks(lengths: torch.Tensor, chunk_tokens: int, max_rows: int | None = None) -> list[torch.Tensor]:
+    """Row indices grouped by prompt length, each group at most ``chunk_tokens`` padded tokens (and
+    ``max_rows`` rows): a task's prompts range from ~20 to ~200 tokens, and one right-padded batch would
+    spend most of its work on padding. Indices are on the CPU; every row is in exactly one group."""
+    lengths = lengths.cpu()
+    order = torch.argsort(lengths, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    chunks, start = [], 0
+    for i in range(1, len(order) + 1):
+        # the group [start, i) is padded to sorted_lengths[i - 1] (ascending); adding row i pads to sorted_lengths[i]
+        if (i == len(order) or (i + 1 - start) * sorted_lengths[i] > chunk_tokens
+                or (max_rows is not None and i - start >= max_rows)):
+            chunks.append(order[start:i])
+            start = i
+    return chunks
+
+
 def task_logits_last(model: Any, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Logits at each prompt's last position: (B, T) right-padded ids, (B,) lengths -> (B, V).
 

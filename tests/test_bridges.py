@@ -318,6 +318,23 @@ def test_strength_zero_changes_nothing_exactly(small_data):
     assert sites_of(gpt2()).active_torch_hooks() == 0
 
 
+def test_length_chunks_give_the_numbers_of_one_padded_batch(small_data):
+    from sparse_lm.tokenizer import load_tokenizer
+    from tasks import encode_examples, get_task
+
+    tok = load_tokenizer(small_data / "tokenizer")
+    task = get_task("single_double_quote")
+    batch = encode_examples(tok, task.resolve(tok, task.examples("test", 32)).examples[:12])
+    assert batch.lengths.unique().numel() > 3  # prompts of many lengths, so the groups differ
+    for model in (gpt2(), sparse_model()):
+        sites = sites_of(model)
+        delta = torch.randn(12, model.config.hidden_size)
+        whole = p_other(model, sites, batch, "1.resid_in", delta, chunk_tokens=10**9)
+        for chunk_tokens in (1, 64):  # one prompt a pass; a few prompts a pass
+            assert torch.allclose(p_other(model, sites, batch, "1.resid_in", delta, chunk_tokens=chunk_tokens),
+                                  whole, atol=1e-5)
+
+
 def test_intervention_end_to_end(joint_run, tmp_path):
     from bridges.intervene import add_intervene_arguments, run_intervene
 

@@ -329,6 +329,27 @@ def test_planted_circuit_is_recovered(planted):
     assert all(len(n.mean_by_family) == 2 for n in circuit.nodes)
 
 
+def test_collapsed_masks_are_trained_again_with_a_weaker_k_coef_and_a_new_seed(planted):
+    model, _, means, _ = planted
+    # k_coef 0.1: closing any node pays more than the whole task loss, so every mask closes and stays closed
+    cfg = planted_cfg(k_coef=0.1, collapse_retries=2)
+    circuit = prune(model, None, cfg, means=means, data=planted_data(), progress=False)
+    assert not circuit.failed, circuit.reason
+    falls = circuit.search["collapses"]
+    assert [f["k_coef"] for f in falls] == pytest.approx([0.1, 0.1 / 3]) and [f["seed"] for f in falls] == [0, 1]
+    # detected a fifth of the way in, near chance (ln 2), and the last attempt ran to the end unchecked
+    assert all(f["step"] == 30 and f["loss"] > 0.5 for f in falls)
+    assert circuit.search["k_coef"] == pytest.approx(0.1 / 9) and circuit.search["seed"] == 2
+    assert len(circuit.search["train_curve"]) > 0 and circuit.search["train_curve"][-1][0] == cfg.steps - 1
+    # without retries the collapse is kept (a sweep must see it)
+    once = prune(model, None, planted_cfg(k_coef=0.1, collapse_retries=0), means=means, data=planted_data(),
+                 progress=False)
+    assert "collapses" not in once.search and once.search["k_coef"] == 0.1
+    # a run that does not collapse is not retried
+    fine = prune(model, None, planted_cfg(), means=means, data=planted_data(), progress=False)
+    assert "collapses" not in fine.search and fine.search["seed"] == 0
+
+
 def test_attribution_runs_and_gives_a_circuit(planted):
     model, _, means, _ = planted
     circuit = prune(model, None, planted_cfg(method="attribution"), means=means, data=planted_data(), progress=False)
