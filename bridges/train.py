@@ -216,6 +216,21 @@ def run(cfg: BridgeConfig, *, resume: bool = True, progress: bool = True) -> dic
         shutdown_distributed(clean=ok)
 
 
+def _moved_model(recorded: str, folder: Path) -> str:
+    """A model path recorded in a bridge folder, or, when that path is gone but the same layout sits beside
+    the bridge (a run folder that was moved or copied: <run>/bridge next to <run>/sparse/model), that one."""
+    path = Path(recorded)
+    if not path.is_absolute() or path.exists():
+        return recorded  # a hub name, a relative path, or still there
+    for base in (folder.parent, folder):
+        for depth in (2, 1):
+            candidate = base.joinpath(*path.parts[-depth:])
+            if candidate.is_dir():
+                print(f"bridge: {recorded} is gone; using {candidate} (same place relative to the bridge)")
+                return str(candidate)
+    return recorded  # the loader says what is missing
+
+
 def load_bridge(folder: str | Path, device: str | torch.device = "cpu") -> tuple[BridgedPair, Any, dict]:
     """(frozen BridgedPair in eval mode, the shared tokenizer, bridge_config.json) of a bridge folder."""
     from safetensors.torch import load_file
@@ -226,9 +241,10 @@ def load_bridge(folder: str | Path, device: str | torch.device = "cpu") -> tuple
         raise FileNotFoundError(f"{str(folder)!r} is not a bridge folder (no {BRIDGE_CONFIG}); make one with "
                                 f"`sparse-lm bridge`")
     meta = json.loads(meta_path.read_text())
-    dense, dense_tok, _ = load_dense(meta["dense_model"], device)
+    dense, dense_tok, _ = load_dense(_moved_model(meta["dense_model"], folder), device)
     sparse_path = Path(meta["sparse_model"])
-    sparse, sparse_tok, _ = load_sparse(sparse_path if sparse_path.is_absolute() else folder / sparse_path, device)
+    sparse_path = sparse_path if sparse_path.is_absolute() else folder / sparse_path
+    sparse, sparse_tok, _ = load_sparse(_moved_model(str(sparse_path), folder), device)
     if sparse_tok is not None:
         check_same_tokenizer(dense_tok, sparse_tok, "dense", "sparse")
     section = configlib.from_dict(BridgeSection, {**meta["config"]["bridge"], "pairing": meta["pairing"]},

@@ -37,6 +37,8 @@ class Stage:
     minutes: float  # estimate on a 2-core CPU machine (full size)
     quick_minutes: float
     run: Callable[["Pipeline"], dict]
+    needs: tuple[str, ...] = ()  # stages whose results this one reads: redoing one of them redoes this one
+    folder: str | None = None  # a training stage's run folder: set aside when the stage is redone
 
 
 class Pipeline:
@@ -336,13 +338,37 @@ def stage_report(p: Pipeline) -> dict:
 
 STAGES = [
     Stage("data", "train the BPE tokenizer and pack the standard library", 1.0, 0.3, stage_data),
-    Stage("sparse", "weight-sparse SparseGPT (preset), through scripts/pretrain.sh", 61.0, 1.5, stage_sparse),
-    Stage("dense", "dense GPT-2 baseline (preset-dense), through scripts/pretrain.sh", 15.0, 1.0, stage_dense),
-    Stage("eval", "binary next-token tasks on both models (test split)", 9.0, 0.5, stage_eval),
-    Stage("prune", "circuits of 3 tasks in both models: learned masks and attribution", 9.5, 1.0, stage_prune),
-    Stage("bridge", "bridges between the two models, then the quote intervention", 13.0, 1.0, stage_bridge),
+    Stage("sparse", "weight-sparse SparseGPT (preset), through scripts/pretrain.sh", 61.0, 1.5, stage_sparse,
+          needs=("data",), folder="sparse"),
+    Stage("dense", "dense GPT-2 baseline (preset-dense), through scripts/pretrain.sh", 15.0, 1.0, stage_dense,
+          needs=("data",), folder="dense"),
+    Stage("eval", "binary next-token tasks on both models (test split)", 9.0, 0.5, stage_eval,
+          needs=("sparse", "dense")),
+    Stage("prune", "circuits of 3 tasks in both models: learned masks and attribution", 9.5, 1.0, stage_prune,
+          needs=("sparse", "dense"), folder="circuits"),
+    Stage("bridge", "bridges between the two models, then the quote intervention", 13.0, 1.0, stage_bridge,
+          needs=("sparse", "dense", "prune"), folder="bridge"),
     Stage("report", "runs/<name>/report.html and report.md", 0.1, 0.1, stage_report),
 ]
+
+
+def stages_to_redo(asked: set[str]) -> set[str]:
+    """The stages asked for and every stage that reads their results, directly or not."""
+    redo = set(asked)
+    for s in STAGES:  # in pipeline order, so one pass follows chains
+        if redo & set(s.needs):
+            redo.add(s.name)
+    return redo
+
+
+def set_aside(folder: Path) -> Path | None:
+    """Move a stage's old outputs out of the way (kept, never deleted): a redone training stage must start
+    from scratch rather than resume the old run's checkpoints."""
+    if not folder.exists():
+        return None
+    dest = folder.with_name(f"{folder.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.rename(dest)
+    return dest
 
 
 def _fmt(minutes: float) -> str:
@@ -360,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs")
     ap.add_argument("--nproc", type=int, default=None,
                     help="ranks for the training stages (default: 2 on CPU, one per GPU)")
-    ap.add_argument("--redo", nargs="*", default=[], metavar="STAGE", help="run these stages again")
+    ap.add_argument("--redo", nargs="*", default=[], metavar="STAGE",
+                    help="run these stages again, and the stages that read their results (old outputs are moved "
+                         "aside, not deleted)")
     args = ap.parse_args(argv)
     args.name = args.name or ("quick" if args.quick else "default" if args.preset == "tiny" else args.preset)
     p = Pipeline(args)
@@ -369,11 +397,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(s.name for s in STAGES)}")
 
+    redo = stages_to_redo(set(args.redo))
+    implied = [s.name for s in STAGES if s.name in redo - set(args.redo) - {"report"}]
+    if implied:
+        print(f"--redo {' '.join(args.redo)}: also redoing {', '.join(implied)}, which read those results")
     todo = []
     print(f"== sparse-lm main job -> {p.run_dir}  ({'quick' if p.quick else 'full'} size)")
     for s in STAGES:
         marker = p.stage_dir / f"{s.name}.json"
-        done = marker.exists() and s.name not in args.redo and s.name != "report"
+        if s.name in redo and marker.exists():
+            marker.unlink()
+            moved = set_aside(p.run_dir / s.folder) if s.folder else None
+            if moved:
+                print(f"   {s.name}: the previous outputs are kept in {moved}")
+        done = marker.exists() and s.name != "report"
         est = s.quick_minutes if p.quick else s.minutes
         print(f"   {'[done]' if done else '[todo]'} {s.name:8s} ~{_fmt(est):>7s}  {s.what}")
         if done:

@@ -274,6 +274,25 @@ def test_bridges_alone_leave_the_sparse_model_untouched(small_data, dense_dir, j
     assert not torch.equal(pair.bridges.decoders[0].weight, joint_pair.bridges.decoders[0].weight)
 
 
+def test_a_moved_run_folder_still_loads_its_bridge(small_data, dense_dir, joint_run, tmp_path, capsys):
+    import shutil
+
+    from bridges.train import load_bridge
+
+    run = tmp_path / "run"
+    shutil.copytree(joint_run / "sparse_model", run / "sparse" / "model")
+    shutil.copytree(dense_dir, run / "dense" / "model")
+    _bridge_cli("--dense", str(run / "dense" / "model"), "--sparse", str(run / "sparse" / "model"), "--out",
+                str(run / "bridge"), "--no-progress", f"data.data_dir={small_data}", "train.steps=2", *TINY)
+    moved = tmp_path / "elsewhere"
+    run.rename(moved)
+    pair, _, meta = load_bridge(moved / "bridge")
+    assert Path(meta["sparse_model"]) == (run / "sparse" / "model").resolve()  # the record is left as it was
+    assert str(moved / "sparse" / "model") in capsys.readouterr().out
+    original = SparseGPT.from_pretrained(moved / "sparse" / "model")
+    assert all(torch.equal(w, pair.sparse.state_dict()[k]) for k, w in original.state_dict().items())
+
+
 # ---------------------------------------------------------------------------- interventions
 
 

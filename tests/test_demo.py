@@ -49,6 +49,16 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path):
     assert "[done] sparse" in again.stdout and "== stage sparse" not in again.stdout
     assert time.perf_counter() - t0 < 120  # nothing retrained
 
+    # --redo prune: the circuits and what reads them (the bridge's intervention) again; models and eval kept
+    redo = subprocess.run([*cmd, "--redo", "prune"], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
+    assert "also redoing bridge" in redo.stdout
+    assert "== stage prune" in redo.stdout and "== stage bridge" in redo.stdout
+    assert "== stage sparse" not in redo.stdout and "== stage eval" not in redo.stdout
+    kept = list(run.glob("circuits.before-*"))
+    assert len(kept) == 1 and any(kept[0].iterdir()) and (run / "circuits").is_dir()
+
 
 def test_common_target_is_the_papers_unless_a_model_misses_it():
     from sparse_lm.demo import common_target
@@ -72,3 +82,12 @@ def test_prune_summary_gives_geometric_mean_edge_ratios():
     text = prune_summary(rows)
     assert "dense/sparse: 2.0x (geometric mean over 2 task(s))" in text  # sqrt(4 * 1)
     assert "attribution/learned (sparse): 3.0x (geometric mean over 1 task(s))" in text
+
+
+def test_redoing_a_stage_redoes_the_stages_that_read_it():
+    from sparse_lm.demo import stages_to_redo
+
+    assert stages_to_redo({"sparse"}) == {"sparse", "eval", "prune", "bridge"}
+    assert stages_to_redo({"prune"}) == {"prune", "bridge"}
+    assert stages_to_redo({"data"}) == {"data", "sparse", "dense", "eval", "prune", "bridge"}
+    assert stages_to_redo({"report"}) == {"report"} and stages_to_redo(set()) == set()
