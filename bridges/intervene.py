@@ -11,8 +11,12 @@ model (``circuit.json``) and the circuit's task:
    ``L.mlp.resid_delta`` writes ``L+1.resid_in`` (``final_resid`` after the
    last layer).
 2. The sparse model runs on the task's prompts; the channel whose mean at the
-   last prompt position differs most between the two families is chosen
-   (``--channels N``: the N best at that site).
+   last prompt position differs most between the two families picks the site, and the circuit's best-separating channels
+   there are moved together (``--channels N``, default 8, fewer when the
+   circuit has fewer). One channel is the paper's picture; a small model
+   spreads the quote type over several residual channels, and moving only
+   the best of them barely moves the task (in the main job's 71-node
+   circuit: +0.055 in P at alpha 2 with one channel, +0.40 with eight).
 3. For a prompt of family f, the intervention moves the channel from its
    mean on f toward its mean on the other family: ``x_c += alpha (m_other -
    m_f)``. The decoder is linear, so the dense residual at the paired dense
@@ -175,7 +179,7 @@ def _by_family(values: torch.Tensor, family: torch.Tensor) -> tuple[float, list[
     return sum(per) / 2, per
 
 
-def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] = DEFAULT_ALPHAS, n_channels: int = 1,
+def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] = DEFAULT_ALPHAS, n_channels: int = 8,
               n_controls: int = 8, split: str = "test", n_examples: int = 256, seed: int = 0) -> dict:
     """Run the sweep (see the module docstring); returns the JSON-able result."""
     from bridges.train import context_length
@@ -328,7 +332,8 @@ def plot_intervention(result: dict, out_png: str | Path) -> Path:
     comp = " / ".join(repr(c) for c in result["completions"])
     ax.set(xlabel="strength alpha (0: family mean, 1: the other family's mean)",
            ylabel="change of P(other family's completion)",
-           title=f"{result['task']} ({comp}): channel {ch['channels']} at {ch['bridge_site']}")
+           title=f"{result['task']} ({comp}): {len(ch['channels'])} circuit channel"
+                 f"{'s' if len(ch['channels']) > 1 else ''} at {ch['bridge_site']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -364,7 +369,9 @@ def add_intervene_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the circuit folder)")
     p.add_argument("--alphas", default=",".join(str(a) for a in DEFAULT_ALPHAS),
                    help="strengths: 0 = no change, 1 = the other family's mean (comma list)")
-    p.add_argument("--channels", type=int, default=1, help="circuit channels moved together (the best-separating ones)")
+    p.add_argument("--channels", type=int, default=8,
+                   help="circuit channels at the chosen site moved together (the best-separating ones; fewer when "
+                        "the circuit has fewer there)")
     p.add_argument("--controls", type=int, default=8, help="random-channel control draws")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="task split of the prompts")
     p.add_argument("--examples", type=int, default=256, help="prompts (balanced over the two families)")
