@@ -126,6 +126,7 @@ PRUNE_TASKS = ("single_double_quote", "bracket_counting", "set_or_string")
 # A model below this test accuracy on a task is at chance there: it has no task behaviour to find a circuit for.
 SOLVED_ACCURACY = 0.6
 PAPER_TARGET = 0.15
+PAPER_ROOM = 0.02  # a model needs its own loss this far under 0.15 for a circuit at 0.15 to be worth the search
 
 
 def prune_overrides(quick: bool) -> dict:
@@ -196,10 +197,10 @@ def stage_prune(p: Pipeline) -> dict:
         targets[task] = {"target_loss": target, "why": why, "own": own}
         print(f"-- {task}: target loss {why}", flush=True)
         jobs = [(k, method, target, "") for k in keys for method in ("learned", "attribution")]
-        # A model that reaches the paper's target on its own also gets its learned circuit at that target,
-        # when the common target is looser (the other model misses 0.15).
+        # A model under the paper's target on its own (with a little room) also gets its learned circuit at
+        # that target, when the common target is looser (the other model misses 0.15).
         jobs += [(k, "learned", PAPER_TARGET, "-paper") for k in pruned
-                 if target > PAPER_TARGET and own[k]["loss"] + 0.05 <= PAPER_TARGET and not p.quick]
+                 if target > PAPER_TARGET and own[k]["loss"] + PAPER_ROOM <= PAPER_TARGET and not p.quick]
         for k, method, tgt, suffix in jobs:
             row = {"model": k, "task": task, "method": method, "target_loss": tgt, "own": own[k],
                    "target_kind": "paper" if suffix else "common"}
