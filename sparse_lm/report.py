@@ -78,9 +78,11 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
             verdict = c.get("reason") or ("keeps target, ablation destroys task" if c.get("keeps_target") and
                                           c.get("destroys_task") else "check: " + ", ".join(
                                               k for k in ("keeps_target", "destroys_task") if not c.get(k)))
-            if c.get("collapses"):
-                verdict += (f"; masks collapsed {len(c['collapses'])}x, found with k_coef {c.get('k_coef'):.2g} "
-                            f"(default {c['collapses'][0]['k_coef']:.2g})")
+            if c.get("k_coef") and not c.get("failed"):
+                verdict += f"; k_coef {c['k_coef']:.2g}"
+                if c.get("collapses"):
+                    verdict += (f" after {len(c['collapses'])} collapse(s) at "
+                                + ", ".join(f"{f['k_coef']:.2g}" for f in c["collapses"]))
             rows.append([c["task"], c["model"], c["method"], _num(c.get("target_loss")), _num(c.get("nodes"), "d"),
                          _num(c.get("edges"), "d"),
                          _num(c.get("loss")), _num(c.get("calibrated_loss")), _num(c.get("ablated_loss")),
