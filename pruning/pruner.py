@@ -411,9 +411,9 @@ COLLAPSE_K_FACTOR = 3.0
 class MaskCollapse(Exception):
     """The masked task loss stayed near chance: the sparsity pressure closed the nodes the task needs."""
 
-    def __init__(self, step: int, loss: float, curve: list[list[float]]):
+    def __init__(self, step: int, loss: float):
         super().__init__(f"masked task loss {loss:.3f} at step {step}")
-        self.step, self.loss, self.curve = step, loss, curve
+        self.step, self.loss = step, loss
 
 
 def train_masks(model: nn.Module, ablation: Ablation, train: TaskBatch, cfg: PruneConfig, *,
@@ -477,7 +477,7 @@ def train_masks(model: nn.Module, ablation: Ablation, train: TaskBatch, cfg: Pru
                 if progress:
                     steps.set_postfix(loss=f"{task_loss.item():.3f}", open=n_open)
             if collapse_at is not None and step >= check_from and ema > collapse_at:
-                raise MaskCollapse(step, ema, curve)
+                raise MaskCollapse(step, ema)
     return tau.detach(), importance, curve
 
 
