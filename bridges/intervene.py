@@ -11,9 +11,9 @@ model (``circuit.json``) and the circuit's task:
    ``L.mlp.resid_delta`` writes ``L+1.resid_in`` (``final_resid`` after the
    last layer).
 2. The sparse model runs on the task's prompts; the channel whose mean at the
-   last prompt position differs most between the two families picks the site, and the circuit's best-separating channels
-   there are moved together (``--channels N``, default 8, fewer when the
-   circuit has fewer). One channel is the paper's picture; a small model
+   last prompt position differs most between the two families picks the site,
+   and the circuit's best-separating channels there are moved together
+   (``--channels N``, default 8, fewer when the circuit has fewer). One channel is the paper's picture; a small model
    spreads the quote type over several residual channels, and moving only
    the best of them barely moves the task (in the main job's 71-node
    circuit: +0.055 in P at alpha 2 with one channel, +0.40 with eight).
