@@ -28,13 +28,16 @@ chromium:
 
 ## the main job on the embedded default (the Python standard library)
 demo: $(STAMP)
-	$(BIN)/python -m sparse_lm.demo $(ARGS)
+	$(BIN)/python -m sparse_lm_app.main_job $(ARGS)
 
 ## the whole test suite (slow end-to-end tests included; `make test-fast` skips them)
+# lint-imports first: the layer contract of pyproject.toml ([tool.importlinter]) holds before any test runs.
 test: $(STAMP) chromium
+	$(BIN)/lint-imports --cache-dir .cache/import_linter
 	$(BIN)/python -m pytest -q -ra $(ARGS)
 
 test-fast: $(STAMP) chromium
+	$(BIN)/lint-imports --cache-dir .cache/import_linter
 	$(BIN)/python -m pytest -q -ra -m "not slow" $(ARGS)
 
 bench: $(STAMP)

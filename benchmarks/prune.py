@@ -33,7 +33,7 @@ def bench_prune(shape: str, steps: int, tok, workdir: str) -> dict:
     from pruning.pruner import prune
     from sparse_lm import config as configlib
     from sparse_lm.jobs import PretrainConfig
-    from sparse_lm.pretrain import build_model
+    from sparse_lm.jobs import build_model
 
     cfg = configlib.resolve(PretrainConfig, "pretrain", shape)
     torch.manual_seed(0)

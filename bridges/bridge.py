@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bridges.config import BridgeSection
-from sparse_lm.adapters import n_layers, residual_sites, sites_of
+from sparse_lm.adapters import residual_sites, sites_of
+from sparse_lm.arch import n_layers
 from sparse_lm.sites import SiteRegistry, abs_topk
 
 COMPONENTS = ("lm", "nmse_enc", "nmse_dec", "kl_d2s", "kl_s2d")
@@ -179,6 +180,12 @@ def kl_dense_hybrid(dense_logits: torch.Tensor, hybrid_logits: torch.Tensor,
     lp = F.log_softmax(dense_logits[..., :n_vocab].float(), dim=-1)
     lq = F.log_softmax(hybrid_logits[..., :n_vocab].float(), dim=-1)
     return (lp.exp() * (lp - lq)).sum(-1).mean()
+
+
+def weighted_loss(cfg: BridgeSection, comps: Mapping[str, Any]) -> Any:
+    """The bridge objective from its components (tensors or floats): each term times its weight in `cfg`."""
+    return (cfg.lm * comps["lm"] + cfg.nmse * (comps["nmse_enc"] + comps["nmse_dec"])
+            + cfg.kl_d2s * comps["kl_d2s"] + cfg.kl_s2d * comps["kl_s2d"])
 
 
 @dataclass
@@ -325,9 +332,7 @@ class BridgedPair(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **unused) -> BridgeOutput:
         comps, out, _, _ = self.components(input_ids, labels, self.kl_sites())
-        c = self.cfg
-        loss = (c.lm * comps["lm"] + c.nmse * (comps["nmse_enc"] + comps["nmse_dec"])
-                + c.kl_d2s * comps["kl_d2s"] + c.kl_s2d * comps["kl_s2d"])
+        loss = weighted_loss(self.cfg, comps)
         self.last_components = {k: float(v.detach()) for k, v in comps.items()}
         return BridgeOutput(loss=loss, logits=out.logits, components=comps)
 
@@ -394,11 +399,38 @@ def evaluate_bridges(pair: BridgedPair, tokens: torch.Tensor, batch_size: int = 
             weight += w
     finally:
         pair.train(was_training)
-    c = pair.cfg
     res = {k: v / weight for k, v in sums.items()}
-    res["total"] = (c.lm * res["lm"] + c.nmse * (res["nmse_enc"] + res["nmse_dec"]) + c.kl_d2s * res["kl_d2s"]
-                    + c.kl_s2d * res["kl_s2d"])
+    res["total"] = weighted_loss(pair.cfg, res)
     res["per_site"] = [{"sparse": p.sparse, "dense": p.dense, **{k: v[i] / weight for k, v in site_sums.items()}}
                        for i, p in enumerate(pair.pairs)]
     res["sequences"] = weight
     return res
+
+
+def quality_gate(metrics: Mapping[str, Any], nmse_max: float = 0.3) -> dict:
+    """Whether a bridge may be called trained, from :func:`evaluate_bridges` on validation.
+
+    Passed when both hybrid KLs (means over sites) are below KL(dense || sparse) on the same
+    batches (``kl_dense_sparse``: the bridge must beat no bridge at all) and the NMSE of both
+    maps is below ``nmse_max``. ``reasons`` lists every failed condition with its numbers.
+    """
+    gate = {"kl_d2s": float(metrics["kl_d2s"]), "kl_s2d": float(metrics["kl_s2d"]),
+            "kl_no_bridge": float(metrics["kl_dense_sparse"]), "nmse_enc": float(metrics["nmse_enc"]),
+            "nmse_dec": float(metrics["nmse_dec"]), "nmse_max": float(nmse_max)}
+    reasons = []
+    for k, what in (("kl_d2s", "KL(dense || dense->sparse hybrid)"), ("kl_s2d", "KL(dense || sparse->dense hybrid)")):
+        if not gate[k] < gate["kl_no_bridge"]:
+            reasons.append(f"{k} {gate[k]:.4f} >= kl_no_bridge {gate['kl_no_bridge']:.4f}: {what} is no better "
+                           f"than the sparse model without a bridge")
+    for k in ("nmse_enc", "nmse_dec"):
+        if not gate[k] < nmse_max:
+            reasons.append(f"{k} {gate[k]:.4f} >= {nmse_max:g}")
+    return {"passed": not reasons, **gate, "reasons": reasons}
+
+
+def format_gate(gate: Mapping[str, Any]) -> str:
+    verdict = "PASSED" if gate["passed"] else "FAILED"
+    text = (f"quality gate {verdict}: kl_d2s {gate['kl_d2s']:.4f}, kl_s2d {gate['kl_s2d']:.4f} vs kl_no_bridge "
+            f"{gate['kl_no_bridge']:.4f}; nmse_enc {gate['nmse_enc']:.4f}, nmse_dec {gate['nmse_dec']:.4f} "
+            f"(< {gate['nmse_max']:g})")
+    return text + "".join(f"\n     - {r}" for r in gate["reasons"])

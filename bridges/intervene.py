@@ -10,31 +10,39 @@ model (``circuit.json``) and the circuit's task:
    ``L.resid_mid``, ``L.mlp.act_in`` reads ``L.resid_mid``,
    ``L.mlp.resid_delta`` writes ``L+1.resid_in`` (``final_resid`` after the
    last layer).
-2. The sparse model runs on the task's prompts; the channel whose mean at the
-   last prompt position differs most between the two families picks the site,
-   and the circuit's best-separating channels there are moved together
-   (``--channels N``, default 8, fewer when the circuit has fewer). One channel is the paper's picture; a small model
-   spreads the quote type over several residual channels, and moving only
-   the best of them barely moves the task (in the main job's 71-node
-   circuit: +0.055 in P at alpha 2 with one channel, +0.40 with eight).
-3. For a prompt of family f, the intervention moves the channel from its
-   mean on f toward its mean on the other family: ``x_c += alpha (m_other -
+2. Selection, on the task's ``select_split`` prompts (default ``train``): the
+   sparse model runs on them; the circuit channel whose mean at the last
+   prompt position differs most between the two families picks the site and
+   the family means. Two moves are reported: ``single``, that one channel (the
+   paper's picture), and ``multi``, the circuit's best-separating channels at
+   that site moved together (``--channels N``, default 8, fewer when the
+   circuit has fewer there): a small model spreads the quote type over several
+   residual channels, and one channel alone may barely move the task.
+3. On the ``split`` prompts (default ``test``, never used for selection unless
+   asked), for a prompt of family f the intervention moves the channels from
+   the family mean of f toward the other family's: ``x_c += alpha (m_other -
    m_f)``. The decoder is linear, so the dense residual at the paired dense
    site changes by ``W_dec[:, c] alpha (m_other - m_f)`` (the bias cancels);
    that change is added at the last prompt position and the dense model runs on.
-4. Reported over the sweep of ``alpha``: the change of the dense model's
-   probability of the other family's completion (two-token softmax,
-   averaged over prompts), the same intervention inside the sparse model
-   (reference), and a control: random residual channels of the same count
-   at the same site, whose dense change is scaled to the same norm (several
-   draws). ``alpha = 0`` changes nothing, exactly.
+4. Reported over the sweep of ``alpha``, for each move: the change ΔP of the
+   dense model's probability of the other family's completion (two-token
+   softmax, averaged within and then over families), the same intervention
+   inside the sparse model (reference), and a control: random residual
+   channels of the same count at the same site, whose dense change is scaled
+   to the same norm (``n_controls`` draws: mean and sd). ``effect_sd`` is
+   ``(ΔP - control mean) / control sd`` and ``sign_ok`` whether ΔP > 0 (the
+   move is toward the other family, so P(other) must rise), both at alpha 1.
+   ``alpha = 0`` changes nothing, exactly.
+
+A circuit.json with ``model_fingerprint`` must match the bridge's sparse model
+(:func:`check_fingerprint`); one without it (an older file) is accepted with a
+warning.
 
 Writes ``intervention.json`` and ``intervention.png``.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -179,34 +187,80 @@ def _by_family(values: torch.Tensor, family: torch.Tensor) -> tuple[float, list[
     return sum(per) / 2, per
 
 
-def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] = DEFAULT_ALPHAS, n_channels: int = 8,
-              n_controls: int = 8, split: str = "test", n_examples: int = 256, seed: int = 0) -> dict:
-    """Run the sweep (see the module docstring); returns the JSON-able result."""
-    from bridges.train import context_length
-    from sparse_lm.adapters import n_layers
+def _prompts(task, tokenizer, split: str, n_examples: int, seed: int, limit: int | None, device):
+    """(batch on `device`, resolved task, prompts left out for being longer than `limit`) of one split."""
     from tasks.loss import encode_examples
+
+    resolved = task.resolve(tokenizer, task.examples(split, n_examples, seed))
+    examples = resolved.examples
+    if limit is not None:  # prompts longer than a model's context cannot be run: leave them out, and say so
+        lengths = [len(ids) for ids in tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]]
+        examples = [ex for ex, n in zip(examples, lengths) if n <= limit]
+        if not examples:
+            raise ValueError(f"every {split} prompt of task {task.name!r} is longer than the models' context "
+                             f"({limit} tokens)")
+    batch = encode_examples(tokenizer, examples, max_length=limit).to(device)
+    if batch.family.unique().numel() < 2:
+        raise ValueError(f"task {task.name!r} kept {split} prompts of one family only; cannot compare families")
+    return batch, resolved, len(resolved.examples) - len(examples)
+
+
+def check_fingerprint(circuit: dict, sparse) -> dict:
+    """Refuse a circuit pruned from another model than the bridge's sparse model (``model_fingerprint`` in
+    circuit.json); a circuit without the key (an older file) is accepted with a warning. Returns what was checked."""
+    model_fingerprint = _fingerprint_function()
+    recorded = circuit.get("model_fingerprint")
+    actual = model_fingerprint(sparse)
+    if recorded is None:
+        print("warning: circuit.json has no model_fingerprint (an older file): cannot check that the circuit was "
+              "pruned from this bridge's sparse model", file=sys.stderr)
+        return {"circuit": None, "bridge_sparse": actual, "checked": False}
+    if recorded != actual:
+        raise ValueError(
+            f"the circuit was pruned from another model (model_fingerprint {recorded}) than the bridge's sparse model "
+            f"({actual}); prune the circuit from the bridge's own sparse model (a bridge that trains the sparse "
+            f"model saves it in <bridge>/sparse_model) or pass the bridge made for the circuit's model")
+    return {"circuit": recorded, "bridge_sparse": actual, "checked": True}
+
+
+def _fingerprint_function():
+    try:
+        from sparse_lm.loading import model_fingerprint
+    except ImportError:
+        from sparse_lm.io import model_fingerprint  # where a later helper may put it
+    return model_fingerprint
+
+
+def _effect(delta_p: Sequence[float], control_mean: Sequence[float], control_sd: Sequence[float]) -> list[float | None]:
+    """(dP - control mean) / control sd per alpha; None where the control does not vary (alpha 0)."""
+    return [(d - m) / s if s > 1e-12 else None for d, m, s in zip(delta_p, control_mean, control_sd)]
+
+
+def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] = DEFAULT_ALPHAS, n_channels: int = 8,
+              n_controls: int = 8, split: str = "test", select_split: str = "train", n_examples: int = 256,
+              seed: int = 0, check_model: bool = True) -> dict:
+    """Run the sweep (see the module docstring); returns the JSON-able result.
+
+    The site, the channels and the two family means are chosen on ``select_split`` prompts;
+    ΔP is measured on ``split`` prompts (no selection on the evaluation data unless the two are
+    equal, which the result records). ``result["single"]`` moves the best channel (the paper's
+    picture), ``result["multi"]`` up to ``n_channels`` circuit channels at the same site; the
+    top-level ``channel``/``dense``/``sparse``/``control``/``effect_sd``/``sign_ok`` repeat ``multi``.
+    """
+    from sparse_lm.arch import context_length, n_layers
 
     if 0.0 not in alphas:
         alphas = [0.0, *alphas]
     alphas = sorted(float(a) for a in alphas)
     if circuit.get("task") and circuit["task"] != task.name:
         raise ValueError(f"the circuit was found for task {circuit['task']!r}, not {task.name!r}")
-    resolved = task.resolve(tokenizer, task.examples(split, n_examples, seed))
+    fingerprint = check_fingerprint(circuit, pair.sparse) if check_model else None
     contexts = [n for n in (context_length(pair.sparse), context_length(pair.dense)) if n]
     limit = min(contexts) if contexts else None
-    examples = resolved.examples
-    if limit is not None:  # prompts longer than a model's context cannot be run: leave them out, and say so
-        lengths = [len(ids) for ids in tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]]
-        examples = [ex for ex, n in zip(examples, lengths) if n <= limit]
-        if not examples:
-            raise ValueError(f"every prompt of task {task.name!r} is longer than the models' context ({limit} tokens)")
-    too_long = len(resolved.examples) - len(examples)
-    batch = encode_examples(tokenizer, examples, max_length=limit)
     device = next(pair.bridges.parameters()).device
-    batch = batch.to(device)
+    sel_batch, sel_resolved, sel_too_long = _prompts(task, tokenizer, select_split, n_examples, seed, limit, device)
+    batch, resolved, too_long = _prompts(task, tokenizer, split, n_examples, seed, limit, device)
     family = batch.family.cpu()
-    if family.unique().numel() < 2:
-        raise ValueError(f"task {task.name!r} kept prompts of one family only; cannot compare families")
 
     sparse_index = {p.sparse: i for i, p in enumerate(pair.pairs)}
     cands = residual_candidates(circuit, n_layers(pair.sparse))
@@ -222,26 +276,22 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
         raise ValueError(f"circuit channel {bad[0].channel} at {bad[0].node_sites[0]} is outside the sparse residual "
                          f"width {width}: the circuit is from another model")
 
+    # Selection: site, channels and family means from the selection split only.
     sites_needed = sorted({c.bridge_site for c in cands})
-    means = family_means(pair.sparse, pair.sites, batch, sites_needed)
+    means = family_means(pair.sparse, pair.sites, sel_batch, sites_needed)
+
     def separation(c: Candidate) -> float:
         m = means[c.bridge_site]  # (2, d_sparse)
         return abs(float(m[1, c.channel] - m[0, c.channel]))
 
     scored = sorted(cands, key=separation, reverse=True)
     best = scored[0]
-    chosen = [c for c in scored if c.bridge_site == best.bridge_site][:n_channels]
     site = best.bridge_site
     i = sparse_index[site]
     dense_site = pair.pairs[i].dense
-    channels = torch.tensor([c.channel for c in chosen])
-    diff = (means[site][1] - means[site][0]).float()  # (d_sparse,) mean on family 1 minus mean on family 0
+    diff = (means[site][1] - means[site][0]).float()  # (d_sparse,) selection mean on family 1 minus on family 0
     toward = (1 - 2 * family).float()[:, None]  # (B, 1): +1 moves family 0 toward 1, -1 moves family 1 toward 0
     W = pair.bridges.decoders[i].weight.detach().float().cpu()  # (d_dense, d_sparse)
-
-    sparse_change = torch.zeros(len(family), width)
-    sparse_change[:, channels] = toward * diff[channels]  # (B, d_sparse): m_other - m_this on the chosen channels
-    dense_change = sparse_change @ W.T  # (B, d_dense); linear, so the decoder bias cancels
 
     dense, dsites = pair.dense, pair.dense_sites
     sparse, ssites = pair.sparse, pair.sites
@@ -254,22 +304,54 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
         return {"delta_p": [m for m, _ in means_], "delta_p_by_family": [[per[f] for _, per in means_] for f in (0, 1)],
                 "p_other": [_by_family(base + r, family)[0] for r in rows]}
 
-    dense_res = sweep(dense, dsites, dense_site, dense_change, base_dense)
-    sparse_res = sweep(sparse, ssites, site, sparse_change, base_sparse)
-
-    # Control: random residual channels at the same site, dense change scaled to the same norm per prompt.
     gen = torch.Generator().manual_seed(seed)
-    pool = torch.tensor([c for c in range(width) if c not in set(channels.tolist())])
-    target_norm = dense_change.norm(dim=1, keepdim=True)  # (B, 1)
-    draws, control_channels = [], []
-    for _ in range(n_controls):
-        R = pool[torch.randperm(len(pool), generator=gen)[: len(channels)]]
-        step = toward * torch.where(diff[R] != 0, diff[R], torch.ones_like(diff[R]))  # (B, n)
-        u = step @ W[:, R].T  # (B, d_dense)
-        u = u * (target_norm / u.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        draws.append(sweep(dense, dsites, dense_site, u, base_dense)["delta_p"])
-        control_channels.append(R.tolist())
-    per_draw = torch.tensor(draws, dtype=torch.float64) if draws else torch.zeros(0, len(alphas), dtype=torch.float64)
+    head = alphas.index(1.0) if 1.0 in alphas else len(alphas) - 1  # the alpha of the headline numbers
+
+    def experiment(chosen: list[Candidate]) -> dict:
+        channels = torch.tensor([c.channel for c in chosen])
+        sparse_change = torch.zeros(len(family), width)
+        sparse_change[:, channels] = toward * diff[channels]  # (B, d_sparse): m_other - m_this on the chosen channels
+        dense_change = sparse_change @ W.T  # (B, d_dense); linear, so the decoder bias cancels
+        dense_res = sweep(dense, dsites, dense_site, dense_change, base_dense)
+        sparse_res = sweep(sparse, ssites, site, sparse_change, base_sparse)
+        # Control: random residual channels at the same site, dense change scaled to the same norm per prompt.
+        pool = torch.tensor([c for c in range(width) if c not in set(channels.tolist())])
+        target_norm = dense_change.norm(dim=1, keepdim=True)  # (B, 1)
+        draws, control_channels = [], []
+        for _ in range(n_controls):
+            R = pool[torch.randperm(len(pool), generator=gen)[: len(channels)]]
+            step = toward * torch.where(diff[R] != 0, diff[R], torch.ones_like(diff[R]))  # (B, n)
+            u = step @ W[:, R].T  # (B, d_dense)
+            u = u * (target_norm / u.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            draws.append(sweep(dense, dsites, dense_site, u, base_dense)["delta_p"])
+            control_channels.append(R.tolist())
+        per_draw = torch.tensor(draws, dtype=torch.float64) if draws else torch.zeros(0, len(alphas), dtype=torch.float64)
+        ctrl_mean = per_draw.mean(0).tolist() if n_controls else []
+        ctrl_sd = per_draw.std(0, unbiased=False).tolist() if n_controls else []
+        effect = _effect(dense_res["delta_p"], ctrl_mean, ctrl_sd) if n_controls else []
+        # Every move is toward the other family's mean, so P(other family's completion) should rise.
+        sign_ok = [d > 0 for d in dense_res["delta_p"]]
+        return {
+            "channel": {
+                "bridge_site": site, "dense_site": dense_site, "channels": channels.tolist(),
+                "node_ids": [list(c.node_ids) for c in chosen], "node_sites": [list(c.node_sites) for c in chosen],
+                "mean_by_family": [[float(means[site][f, c.channel]) for f in (0, 1)] for c in chosen],
+            },
+            "dense_change_norm_at_alpha_1": float(target_norm.mean()),
+            "dense": dense_res, "sparse": sparse_res,
+            "control": {"draws": n_controls, "channels": control_channels, "delta_p": ctrl_mean, "std": ctrl_sd,
+                        "per_draw": per_draw.tolist()},
+            "effect_alpha": alphas[head],
+            "effect_sd": effect[head] if effect else None,
+            "effect_sd_by_alpha": effect,
+            "sign_ok": sign_ok[head],
+            "sign_ok_by_alpha": [ok for a, ok in zip(alphas, sign_ok) if a > 0],
+            "sparse_sign_ok": sparse_res["delta_p"][head] > 0,
+        }
+
+    multi_chosen = [c for c in scored if c.bridge_site == site][:n_channels]
+    single = experiment(multi_chosen[:1])
+    multi = experiment(multi_chosen)
 
     # Size of the change, against the dense residual itself at that site and position.
     with torch.no_grad(), dsites.record([dense_site]) as acts:
@@ -277,64 +359,76 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
     resid_norm = float(_last(acts[dense_site], batch.lengths).float().norm(dim=1).mean())
     base_d_mean, base_d_fam = _by_family(base_dense, family)
     base_s_mean, base_s_fam = _by_family(base_sparse, family)
+    dense_base = {"p_other_baseline": base_d_mean, "p_other_baseline_by_family": base_d_fam,
+                  "task_accuracy": float(_by_family((base_dense < 0.5).float(), family)[0])}
+    sparse_base = {"p_other_baseline": base_s_mean, "p_other_baseline_by_family": base_s_fam,
+                   "task_accuracy": float(_by_family((base_sparse < 0.5).float(), family)[0])}
+    for part in (single, multi):
+        part["dense"] = {**dense_base, **part["dense"]}
+        part["sparse"] = {**sparse_base, **part["sparse"]}
     return {
         "task": task.name,
         "completions": list(resolved.completions),
         "tokens": list(resolved.token_strings),
         "split": split,
+        "select_split": select_split,
+        "selected_on_evaluation_data": split == select_split,
         "examples": len(family),
         "examples_by_family": [int((family == f).sum()) for f in (0, 1)],
+        "select_examples": len(sel_batch.lengths),
         "left_out": {"tokenization_contract": resolved.dropped, "longer_than_context": too_long},
+        "select_left_out": {"tokenization_contract": sel_resolved.dropped, "longer_than_context": sel_too_long},
         "alphas": alphas,
         "circuit_failed": (circuit.get("reason") or True) if circuit.get("failed") else False,
-        "channel": {
-            "bridge_site": site, "dense_site": dense_site, "channels": channels.tolist(),
-            "node_ids": [list(c.node_ids) for c in chosen], "node_sites": [list(c.node_sites) for c in chosen],
-            "mean_by_family": [[float(means[site][f, c.channel]) for f in (0, 1)] for c in chosen],
-        },
+        "model_fingerprint": fingerprint,
         "candidates": [{"bridge_site": c.bridge_site, "channel": c.channel, "node_sites": list(c.node_sites),
                         "separation": separation(c)}
                        for c in scored[:20]],
-        "dense_change_norm_at_alpha_1": float(target_norm.mean()),
         "dense_residual_norm": resid_norm,
-        "dense": {"p_other_baseline": base_d_mean, "p_other_baseline_by_family": base_d_fam,
-                  "task_accuracy": float(_by_family((base_dense < 0.5).float(), family)[0]), **dense_res},
-        "sparse": {"p_other_baseline": base_s_mean, "p_other_baseline_by_family": base_s_fam,
-                   "task_accuracy": float(_by_family((base_sparse < 0.5).float(), family)[0]), **sparse_res},
-        "control": {"draws": n_controls, "channels": control_channels,
-                    "delta_p": per_draw.mean(0).tolist() if n_controls else [],
-                    "std": per_draw.std(0, unbiased=False).tolist() if n_controls else [],
-                    "per_draw": per_draw.tolist()},
+        "single": single,
+        "multi": multi,
+        # The multi-channel result at the top level too (what readers of older files expect).
+        **{k: multi[k] for k in ("channel", "dense_change_norm_at_alpha_1", "dense", "sparse", "control",
+                                 "effect_sd", "sign_ok")},
     }
 
 
 def plot_intervention(result: dict, out_png: str | Path) -> Path:
+    """Two panels: the single best channel (the paper's picture) and the multi-channel move, each with its
+    random-channel control."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     a = result["alphas"]
-    ch = result["channel"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ctrl = result["control"]
-    for k, row in enumerate(ctrl["per_draw"]):
-        ax.plot(a, row, color="gray", lw=0.7, alpha=0.35, label="control draws" if k == 0 else None)
-    if ctrl["delta_p"]:
-        lo = [m - s for m, s in zip(ctrl["delta_p"], ctrl["std"])]
-        hi = [m + s for m, s in zip(ctrl["delta_p"], ctrl["std"])]
-        ax.fill_between(a, lo, hi, color="gray", alpha=0.2)
-        ax.plot(a, ctrl["delta_p"], color="gray", lw=2, label=f"random channels (mean ± sd, {ctrl['draws']} draws)")
-    ax.plot(a, result["dense"]["delta_p"], "o-", color="C0", lw=2,
-            label=f"dense, via bridge ({ch['bridge_site']} -> {ch['dense_site']})")
-    ax.plot(a, result["sparse"]["delta_p"], "s--", color="C1", lw=1.5, label="sparse model itself")
-    ax.axhline(0, color="black", lw=0.6)
+    parts = [(k, result[k]) for k in ("single", "multi") if k in result] or [("multi", result)]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.5), sharey=True, squeeze=False)
+    for ax, (name, r) in zip(axes[0], parts):
+        ch = r["channel"]
+        ctrl = r["control"]
+        for k, row in enumerate(ctrl["per_draw"]):
+            ax.plot(a, row, color="gray", lw=0.7, alpha=0.35, label="control draws" if k == 0 else None)
+        if ctrl["delta_p"]:
+            lo = [m - s for m, s in zip(ctrl["delta_p"], ctrl["std"])]
+            hi = [m + s for m, s in zip(ctrl["delta_p"], ctrl["std"])]
+            ax.fill_between(a, lo, hi, color="gray", alpha=0.2)
+            ax.plot(a, ctrl["delta_p"], color="gray", lw=2, label=f"random channels (mean ± sd, {ctrl['draws']} draws)")
+        ax.plot(a, r["dense"]["delta_p"], "o-", color="C0", lw=2,
+                label=f"dense, via bridge ({ch['bridge_site']} -> {ch['dense_site']})")
+        ax.plot(a, r["sparse"]["delta_p"], "s--", color="C1", lw=1.5, label="sparse model itself")
+        ax.axhline(0, color="black", lw=0.6)
+        eff = r.get("effect_sd")
+        n = len(ch["channels"])
+        ax.set(xlabel="strength alpha (0: family mean, 1: the other family's mean)",
+               title=f"{name}: {n} channel{'s' if n > 1 else ''} at {ch['bridge_site']}"
+                     + (f"; {eff:+.1f} sd at alpha {r['effect_alpha']:g}" if eff is not None else "")
+                     + ("" if r.get("sign_ok", True) else " (wrong sign)"))
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("change of P(other family's completion)")
     comp = " / ".join(repr(c) for c in result["completions"])
-    ax.set(xlabel="strength alpha (0: family mean, 1: the other family's mean)",
-           ylabel="change of P(other family's completion)",
-           title=f"{result['task']} ({comp}): {len(ch['channels'])} circuit channel"
-                 f"{'s' if len(ch['channels']) > 1 else ''} at {ch['bridge_site']}")
-    ax.legend(fontsize=8)
+    fig.suptitle(f"{result['task']} ({comp}); chosen on {result.get('select_split', '?')}, "
+                 f"measured on {result['split']} ({result['examples']} prompts)", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -343,64 +437,29 @@ def plot_intervention(result: dict, out_png: str | Path) -> Path:
     return Path(out_png)
 
 
-def format_result(r: dict) -> str:
+def _format_part(name: str, r: dict, alphas: Sequence[float]) -> list[str]:
     ch = r["channel"]
-    lines = [f"== intervention {r['task']}: channel(s) {ch['channels']} at sparse {ch['bridge_site']} -> dense "
-             f"{ch['dense_site']} ({r['examples']} prompts; family means {ch['mean_by_family']})",
-             f"   task accuracy: dense {r['dense']['task_accuracy']:.3f}, sparse {r['sparse']['task_accuracy']:.3f}; "
-             f"|dense change| at alpha 1: {r['dense_change_norm_at_alpha_1']:.3g} "
-             f"(|dense residual| {r['dense_residual_norm']:.3g})",
+    eff = r.get("effect_sd")
+    lines = [f"   [{name}] channel(s) {ch['channels']} at sparse {ch['bridge_site']} -> dense {ch['dense_site']}; "
+             f"|dense change| at alpha 1: {r['dense_change_norm_at_alpha_1']:.3g}; at alpha {r['effect_alpha']:g}: "
+             f"effect {'n/a' if eff is None else f'{eff:+.2f}'} control sd, sign "
+             f"{'ok' if r['sign_ok'] else 'WRONG (P(other) fell)'}",
              f"   {'alpha':>6}{'dense dP':>11}{'control dP':>12}{'ctrl sd':>9}{'sparse dP':>11}"]
     ctrl = r["control"]
-    for k, a in enumerate(r["alphas"]):
+    for k, a in enumerate(alphas):
         c = f"{ctrl['delta_p'][k]:12.4f}{ctrl['std'][k]:9.4f}" if ctrl["delta_p"] else f"{'':>21}"
         lines.append(f"   {a:6.2f}{r['dense']['delta_p'][k]:11.4f}{c}{r['sparse']['delta_p'][k]:11.4f}")
+    return lines
+
+
+def format_result(r: dict) -> str:
+    lines = [f"== intervention {r['task']}: chosen on {r.get('select_split', '?')} prompts, measured on "
+             f"{r['examples']} {r['split']} prompts"
+             + (" (WARNING: the same split: selection on the evaluation data)" if r.get("selected_on_evaluation_data")
+                else ""),
+             f"   task accuracy: dense {r['dense']['task_accuracy']:.3f}, sparse {r['sparse']['task_accuracy']:.3f}; "
+             f"|dense residual| {r['dense_residual_norm']:.3g}"]
+    for name in ("single", "multi"):
+        if name in r:
+            lines += _format_part(name, r[name], r["alphas"])
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------
-# CLI
-
-
-def add_intervene_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bridge", required=True, metavar="DIR", help="bridge folder (from `sparse-lm bridge`)")
-    p.add_argument("--circuit", required=True, metavar="DIR", help="circuit folder with circuit.json (from the pruner)")
-    p.add_argument("--task", required=True, help="the circuit's task (e.g. single_double_quote)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the circuit folder)")
-    p.add_argument("--alphas", default=",".join(str(a) for a in DEFAULT_ALPHAS),
-                   help="strengths: 0 = no change, 1 = the other family's mean (comma list)")
-    p.add_argument("--channels", type=int, default=8,
-                   help="circuit channels at the chosen site moved together (the best-separating ones; fewer when "
-                        "the circuit has fewer there)")
-    p.add_argument("--controls", type=int, default=8, help="random-channel control draws")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="task split of the prompts")
-    p.add_argument("--examples", type=int, default=256, help="prompts (balanced over the two families)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the control draws")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
-
-
-def run_intervene(args) -> int:
-    from bridges.train import load_bridge
-    from tasks import get_task
-
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    circuit = read_circuit(args.circuit)  # before the models load: a wrong path fails at once
-    task = get_task(args.task)
-    pair, tokenizer, _ = load_bridge(args.bridge, dev)
-    alphas = [float(a) for a in str(args.alphas).split(",") if a.strip()]
-    result = intervene(pair, tokenizer, task, circuit, alphas=alphas, n_channels=args.channels,
-                       n_controls=args.controls, split=args.split, n_examples=args.examples, seed=args.seed)
-    result["bridge"] = str(Path(args.bridge).resolve())
-    result["circuit"] = str(Path(args.circuit).resolve())
-    out = Path(args.out) if args.out else Path(args.circuit)
-    if out.suffix == ".json":
-        out = out.parent
-    atomic_write_text(out / "intervention.json", json.dumps(result, indent=2) + "\n")
-    plot_intervention(result, out / "intervention.png")
-    if result["circuit_failed"]:
-        print(f"warning: the pruner marked this circuit as failed ({result['circuit_failed']}); its channels may "
-              f"not carry the task", file=sys.stderr)
-    print(format_result(result))
-    print(f"   -> {out / 'intervention.json'}, {out / 'intervention.png'}")
-    return 0

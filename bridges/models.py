@@ -1,8 +1,7 @@
 """Loading the two sides of a bridge, and the check that they share one tokenizer.
 
 A model argument is a ``save_pretrained`` folder or a run folder holding one
-in ``model/`` (what ``sparse-lm pretrain`` and ``train-dense`` write, with the
-tokenizer beside the weights). The dense side is any ``transformers`` causal
+in ``model/`` (`sparse_lm.loading.model_dir`). The dense side is any ``transformers`` causal
 LM the site adapter knows (GPT-2, Llama families); the sparse side a SparseGPT.
 """
 
@@ -12,8 +11,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from bridges.bridge import BridgeError
+from sparse_lm.loading import load_tokenizer_of, model_dir
+from sparse_lm.model import SparseGPT
 
 # Encoded by both tokenizers when their vocabularies agree: same ids, or the merges differ.
 PROBE_TEXT = ('def main(argv=None):\n    """Run it."""\n    for i, x in enumerate(argv or []):\n'
@@ -24,41 +26,8 @@ class TokenizerMismatchError(BridgeError):
     """The two models (or the data) were made with different tokenizers."""
 
 
-def model_dir(path: str | Path) -> Path:
-    """The save_pretrained folder: ``path`` itself, or ``path/model`` for a run folder."""
-    path = Path(path)
-    weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-    if (path / "config.json").is_file() and weights:
-        return path
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    if not path.exists():
-        raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
-    raise FileNotFoundError(
-        f"{str(path)!r} holds no model: expected a save_pretrained folder (config.json + weights) or a run folder "
-        f"with one in model/ (run `sparse-lm train-dense` / `sparse-lm pretrain` first)"
-    )
-
-
-def load_tokenizer_of(folder: Path, required: bool = True):
-    """The tokenizer saved beside a model (or in the run folder's ``tokenizer/``); None if absent and not required."""
-    from transformers import AutoTokenizer
-
-    for cand in (folder, folder.parent / "tokenizer"):
-        if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(cand))
-    if required:
-        raise FileNotFoundError(
-            f"no tokenizer beside the model in {str(folder)!r}: a bridge needs the dense model's tokenizer "
-            f"(save it there with tokenizer.save_pretrained)"
-        )
-    return None
-
-
 def load_dense(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, object, Path]:
     """(frozen causal LM in eval mode, its tokenizer, its folder)."""
-    from transformers import AutoModelForCausalLM
-
     folder = model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
     return model, load_tokenizer_of(folder), folder
@@ -66,8 +35,6 @@ def load_dense(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
 def load_sparse(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, object | None, Path]:
     """(SparseGPT in eval mode, its tokenizer or None, its folder)."""
-    from sparse_lm.model import SparseGPT
-
     folder = model_dir(path)
     model = SparseGPT.from_pretrained(str(folder)).to(device).eval()
     return model, load_tokenizer_of(folder, required=False), folder

@@ -8,11 +8,14 @@ An output folder holds::
     OUT/metrics.jsonl          weighted total loss per logged step (Trainer); val_loss is the same total on
                                validation blocks with every site in the KL terms
     OUT/eval_before.json       every loss component per site before training
-    OUT/bridge_metrics.json    before / after, per component and per site
+    OUT/bridge_metrics.json    before / after, per component and per site; the quality gate
     OUT/bridges.safetensors    encoder and decoder weights (encoders.i.*, decoders.i.*)
-    OUT/bridge_config.json     config, mode, pairing, site names, widths, model paths
-    OUT/sparse_model/          the sparse model trained in mode a (save_pretrained + tokenizer)
-    OUT/summary.json, curves.png
+    OUT/bridge_config.json     config, mode, pairing, site names, widths, model paths, the gate
+    OUT/sparse_model/          the sparse model as bridged, in modes 'joint' and 'finetune' (save_pretrained +
+                               tokenizer): its new weights, the model to prune circuits from
+    OUT/summary.json           before / after and ``gate`` ({passed, kl_d2s, kl_s2d, kl_no_bridge, nmse_enc,
+                               nmse_dec, reasons}: a bridge is only called trained when it passed)
+    OUT/curves.png
 """
 
 from __future__ import annotations
@@ -24,31 +27,27 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save
+from torch import nn
 
-from bridges.bridge import BridgedPair, BridgeError, evaluate_bridges, init_least_squares
+from bridges.bridge import BridgedPair, BridgeError, evaluate_bridges, format_gate, init_least_squares, quality_gate
 from bridges.config import BridgeConfig, BridgeSection
 from bridges.models import check_same_tokenizer, check_vocab_sizes, load_dense, load_sparse
 from sparse_lm import config as configlib
-from sparse_lm.adapters import n_layers, residual_sites
-from sparse_lm.io import atomic_dir, atomic_write_bytes, atomic_write_text
+from sparse_lm.adapters import residual_sites
+from sparse_lm.arch import context_length, n_layers
+from sparse_lm.data import prepare
+from sparse_lm.io import atomic_dir, atomic_write_bytes, write_json
+from sparse_lm.jobs import PretrainConfig, sparse_model_config
+from sparse_lm.model import SparseGPT
+from sparse_lm.plots import plot_training
+from sparse_lm.sparsity import SparsityConfig
+from sparse_lm.tokenizer import load_tokenizer, tokenizer_hash
+from sparse_lm.trainer import Trainer, device, init_distributed, set_threads, shutdown_distributed
 
 BRIDGES_FILE = "bridges.safetensors"
 BRIDGE_CONFIG = "bridge_config.json"
 SPARSE_DIR = "sparse_model"
-
-
-def _json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def context_length(model) -> int | None:
-    """The longest sequence a model takes (n_positions, max_position_embeddings or block_size)."""
-    cfg = model.config
-    for key in ("n_positions", "max_position_embeddings", "block_size"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int):
-            return v
-    return None
 
 
 def _check_block_size(block: int, **models) -> None:
@@ -64,14 +63,10 @@ def pairing_indices(pair: BridgedPair) -> list[int]:
 
 
 def save_bridges(bridges_state: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save
-
     atomic_write_bytes(path, save({k: v.detach().float().contiguous().cpu() for k, v in bridges_state.items()}))
 
 
 def describe_bridge(pair: BridgedPair, cfg: BridgeConfig, dense_dir: Path, sparse_ref: str, tokenizer) -> dict:
-    from sparse_lm.tokenizer import tokenizer_hash
-
     b = pair.bridges
     return {
         "job": "bridge",
@@ -101,10 +96,7 @@ def format_metrics(before: dict | None, after: dict) -> str:
 
 
 def run(cfg: BridgeConfig, *, resume: bool = True, progress: bool = True) -> dict:
-    """Train bridges (mode b) or a sparse model with its bridges (mode a); export; returns the summary."""
-    from sparse_lm.pretrain import prepare, sparse_model_config
-    from sparse_lm.trainer import Trainer, device, init_distributed, set_threads, shutdown_distributed
-
+    """Train bridges alone, or a (new or trained) sparse model with its bridges; export; returns the summary."""
     if not cfg.dense:
         raise BridgeError("no dense model: pass --dense DIR (a train-dense run folder or a save_pretrained folder)")
     rank, world = init_distributed()
@@ -112,23 +104,9 @@ def run(cfg: BridgeConfig, *, resume: bool = True, progress: bool = True) -> dic
     ok = False
     try:
         run_dir = Path(cfg.out_dir) / cfg.run_name
-        dense, dense_tok, dense_dir = load_dense(cfg.dense)
-        cfg.dense = str(dense_dir.resolve())
-        sparse = sparse_dir = None
-        if cfg.mode == "bridges":
-            sparse, sparse_tok, sparse_dir = load_sparse(cfg.sparse)
-            cfg.sparse = str(sparse_dir.resolve())
-            if sparse_tok is not None:
-                check_same_tokenizer(dense_tok, sparse_tok, "dense", "sparse")
-        if cfg.data.tokenizer:  # refused before any data is tokenized with it
-            from sparse_lm.tokenizer import load_tokenizer
-
-            check_same_tokenizer(dense_tok, load_tokenizer(cfg.data.tokenizer), "dense", "data")
-        else:
-            if not (dense_dir / "tokenizer.json").is_file():
-                raise BridgeError(f"the dense model folder {dense_dir} has no tokenizer.json to prepare data with: "
-                                  f"set data.tokenizer (or data.data_dir) to the dense model's tokenizer")
-            cfg.data.tokenizer = str(dense_dir)
+        dense, dense_tok, dense_dir, sparse = _load_models(cfg)
+        if cfg.mode == "finetune":
+            _finetune_sparsity(cfg, rank)
         resuming = resume and (run_dir / "checkpoints" / "latest").is_file()
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -136,38 +114,10 @@ def run(cfg: BridgeConfig, *, resume: bool = True, progress: bool = True) -> dic
         dist.barrier()
         tokenizer, train, val, meta = prepare(cfg, run_dir, rank)
         check_same_tokenizer(dense_tok, tokenizer, "dense", "data")
-        torch.manual_seed(cfg.train.seed)
-        if sparse is None:
-            from sparse_lm.model import SparseGPT
-
-            sparse = SparseGPT(sparse_model_config(cfg, len(tokenizer), tokenizer))
-        check_vocab_sizes(sparse, dense, tokenizer)
-        _check_block_size(cfg.data.block_size, sparse=sparse, dense=dense)
-        pair = BridgedPair(sparse, dense, cfg.bridge, train_sparse=cfg.mode == "joint").to(device())
-        n_train = sum(p.numel() for p in pair.parameters() if p.requires_grad)
-        if rank == 0:
-            print(f"bridge ({'mode a: sparse model + bridges' if cfg.mode == 'joint' else 'mode b: bridges alone'}): "
-                  f"dense {type(dense).__name__} {n_layers(dense)} layers x {pair.pairs[0].d_dense}, sparse "
-                  f"{n_layers(sparse)} layers x {pair.pairs[0].d_sparse}, {len(pair.pairs)} site pairs "
-                  f"({', '.join(f'{p.sparse}<->{p.dense}' for p in pair.pairs)}), {n_train / 1e6:.2f}M trainable "
-                  f"parameters, {cfg.train.steps} steps", flush=True)
-
-        if cfg.bridge.init == "lstsq" and not resuming:
-            used = init_least_squares(pair, train, batch_size=cfg.train.micro_batch, max_batches=4)
-            if rank == 0:
-                print(f"bridge maps initialised by ridge regression on {used} tokens", flush=True)
-        eval_n = cfg.train.eval_batches
-        before_path = run_dir / "eval_before.json"
-        before = None
-        if resuming and before_path.is_file():
-            before = json.loads(before_path.read_text())
-        elif not resuming:
-            before = evaluate_bridges(pair, val, batch_size=cfg.train.micro_batch, max_batches=eval_n)
-            if rank == 0:
-                _json(before_path, before)
-
+        pair = _build_pair(cfg, dense, sparse, tokenizer, rank)
+        before = _start_maps(cfg, pair, train, val, run_dir, rank, resuming)
         trainer = Trainer(model=pair, run_dir=run_dir, train_cfg=cfg.train, optim_cfg=cfg.optim, train_tokens=train,
-                          val_tokens=val, sparsity=cfg.sparsity if cfg.mode == "joint" else None, job_config=cfg,
+                          val_tokens=val, sparsity=cfg.sparsity if cfg.trains_sparse else None, job_config=cfg,
                           job="bridge")
         t0 = time.perf_counter()
         last = trainer.fit(resume=resume, progress=progress)
@@ -175,45 +125,136 @@ def run(cfg: BridgeConfig, *, resume: bool = True, progress: bool = True) -> dic
         state = trainer.full_fp32_state()  # a collective: every rank
         summary: dict[str, Any] = {}
         if rank == 0:
-            module: BridgedPair = trainer.module
-            last_components = dict(module.last_components)
-            after = evaluate_bridges(module, val, batch_size=cfg.train.micro_batch, max_batches=eval_n)
-            save_bridges({k[len("bridges."):]: v for k, v in state.items() if k.startswith("bridges.")},
-                         run_dir / BRIDGES_FILE)
-            sparse_ref = cfg.sparse
-            if cfg.mode == "joint":
-                from sparse_lm.model import SparseGPT
-
-                model = SparseGPT(sparse.config)
-                model.load_state_dict({k[len("sparse."):]: v for k, v in state.items() if k.startswith("sparse.")})
-                with atomic_dir(run_dir / SPARSE_DIR) as tmp:
-                    model.save_pretrained(tmp, safe_serialization=True)
-                    tokenizer.save_pretrained(tmp)
-                sparse_ref = SPARSE_DIR
-            _json(run_dir / BRIDGE_CONFIG, describe_bridge(module, cfg, dense_dir.resolve(), sparse_ref, tokenizer))
-            _json(run_dir / "bridge_metrics.json", {"before": before, "after": after,
-                                                    "last_train_step": last_components})
-            summary = {"job": "bridge", "mode": cfg.mode, "run_dir": str(run_dir), "steps": trainer.step,
-                       "world_size": world, "train_seconds": seconds,
-                       "before": {k: v for k, v in (before or {}).items() if k != "per_site"},
-                       "after": {k: v for k, v in after.items() if k != "per_site"},
-                       "last_train_step": last_components,
-                       **{k: v for k, v in last.items() if k != "kept_fraction"}}
-            if trainer.sparse:
-                summary["kept_fraction"] = last.get("kept_fraction")
-            _json(run_dir / "summary.json", summary)
-            from sparse_lm.plots import plot_training
-
-            plot_training(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"bridge {cfg.run_name}")
-            print(f"== bridge finished: {run_dir} ({trainer.step} steps in {seconds:.0f}s)\n"
-                  f"{format_metrics(before, after)}\n"
-                  f"   (KL in nats/token; kl_dense_sparse: KL(dense || sparse) without any bridge, the yardstick)\n"
-                  f"   bridges: {run_dir / BRIDGES_FILE}" + (f", sparse model: {run_dir / SPARSE_DIR}"
-                                                            if cfg.mode == "joint" else ""), flush=True)
+            summary = _export(cfg, trainer, state, tokenizer, dense_dir, val, before, last, seconds, world)
         ok = True
         return summary
     finally:
         shutdown_distributed(clean=ok)
+
+
+def _load_models(cfg: BridgeConfig) -> tuple[nn.Module, Any, Path, nn.Module | None]:
+    """(dense model, its tokenizer, its folder, the trained sparse model or None in mode 'joint'); the tokenizers
+    checked and ``cfg.dense``, ``cfg.sparse`` and ``cfg.data.tokenizer`` resolved."""
+    dense, dense_tok, dense_dir = load_dense(cfg.dense)
+    cfg.dense = str(dense_dir.resolve())
+    sparse = None
+    if cfg.sparse:
+        sparse, sparse_tok, sparse_dir = load_sparse(cfg.sparse)
+        cfg.sparse = str(sparse_dir.resolve())
+        if sparse_tok is not None:
+            check_same_tokenizer(dense_tok, sparse_tok, "dense", "sparse")
+    if cfg.data.tokenizer:  # refused before any data is tokenized with it
+        check_same_tokenizer(dense_tok, load_tokenizer(cfg.data.tokenizer), "dense", "data")
+    else:
+        if not (dense_dir / "tokenizer.json").is_file():
+            raise BridgeError(f"the dense model folder {dense_dir} has no tokenizer.json to prepare data with: "
+                              f"set data.tokenizer (or data.data_dir) to the dense model's tokenizer")
+        cfg.data.tokenizer = str(dense_dir)
+    return dense, dense_tok, dense_dir, sparse
+
+
+def _finetune_sparsity(cfg: BridgeConfig, rank: int) -> None:
+    """Mode 'finetune': hold the trained model's L0 from step 0.
+
+    The fractions come from the sparse model's own run config (``<run>/config.json`` beside
+    ``<run>/model``) when there is one, so the projection keeps what pretraining kept; annealing is
+    off because the model starts at its target.
+    """
+    own = Path(cfg.sparse).parent / "config.json"
+    if own.is_file() and json.loads(own.read_text()).get("job") == "pretrain":
+        trained = configlib.load(PretrainConfig, own).sparsity
+        keys = ("enabled", "target_fraction", "embed_fraction", "unembed_fraction", "min_fan")
+        changed = [k for k in keys if getattr(cfg.sparsity, k) != getattr(trained, k)]
+        if changed and rank == 0:
+            print(f"bridge (finetune): sparsity {', '.join(changed)} from the sparse model's run config {own}",
+                  flush=True)
+        for k in keys:
+            setattr(cfg.sparsity, k, getattr(trained, k))
+    cfg.sparsity.anneal_start = cfg.sparsity.anneal_end = 0.0
+
+
+def _build_pair(cfg: BridgeConfig, dense: nn.Module, sparse: nn.Module | None, tokenizer, rank: int) -> BridgedPair:
+    """The pair on the device (a new SparseGPT in mode 'joint'), after the vocabulary and context checks."""
+    torch.manual_seed(cfg.train.seed)
+    if sparse is None:
+        sparse = SparseGPT(sparse_model_config(cfg, len(tokenizer), tokenizer))
+    check_vocab_sizes(sparse, dense, tokenizer)
+    _check_block_size(cfg.data.block_size, sparse=sparse, dense=dense)
+    pair = BridgedPair(sparse, dense, cfg.bridge, train_sparse=cfg.trains_sparse).to(device())
+    n_train = sum(p.numel() for p in pair.parameters() if p.requires_grad)
+    if rank == 0:
+        what = {"joint": "a new sparse model trains with its bridges",
+                "finetune": "the trained sparse model trains on with its bridges",
+                "bridges": "bridges alone, both models frozen"}[cfg.mode]
+        print(f"bridge (mode {cfg.mode}: {what}): "
+              f"dense {type(dense).__name__} {n_layers(dense)} layers x {pair.pairs[0].d_dense}, sparse "
+              f"{n_layers(sparse)} layers x {pair.pairs[0].d_sparse}, {len(pair.pairs)} site pairs "
+              f"({', '.join(f'{p.sparse}<->{p.dense}' for p in pair.pairs)}), {n_train / 1e6:.2f}M trainable "
+              f"parameters, {cfg.train.steps} steps", flush=True)
+    return pair
+
+
+def _start_maps(cfg: BridgeConfig, pair: BridgedPair, train: torch.Tensor, val: torch.Tensor, run_dir: Path,
+                rank: int, resuming: bool) -> dict | None:
+    """Initialise the maps (a fresh run) and measure every component before training (or read it back)."""
+    if cfg.bridge.init == "lstsq" and not resuming:
+        used = init_least_squares(pair, train, batch_size=cfg.train.micro_batch, max_batches=4)
+        if rank == 0:
+            print(f"bridge maps initialised by ridge regression on {used} tokens", flush=True)
+    before_path = run_dir / "eval_before.json"
+    before = None
+    if resuming and before_path.is_file():
+        before = json.loads(before_path.read_text())
+    elif not resuming:
+        before = evaluate_bridges(pair, val, batch_size=cfg.train.micro_batch, max_batches=cfg.train.eval_batches)
+        if rank == 0:
+            write_json(before_path, before)
+    return before
+
+
+def _export(cfg: BridgeConfig, trainer: Trainer, state: dict[str, torch.Tensor], tokenizer, dense_dir: Path,
+            val: torch.Tensor, before: dict | None, last: dict, seconds: float, world: int) -> dict:
+    """Rank 0: measure after training, the gate; write the bridges (and the trained sparse model), metrics, summary,
+    curves."""
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    module: BridgedPair = trainer.module
+    last_components = dict(module.last_components)
+    after = evaluate_bridges(module, val, batch_size=cfg.train.micro_batch, max_batches=cfg.train.eval_batches)
+    gate = quality_gate(after, cfg.bridge.gate_nmse)
+    save_bridges({k[len("bridges."):]: v for k, v in state.items() if k.startswith("bridges.")}, run_dir / BRIDGES_FILE)
+    sparse_ref = cfg.sparse
+    if cfg.trains_sparse:  # the model as bridged: its new weights, the one circuits are pruned from
+        model = SparseGPT(module.sparse.config)
+        model.load_state_dict({k[len("sparse."):]: v for k, v in state.items() if k.startswith("sparse.")})
+        with atomic_dir(run_dir / SPARSE_DIR) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        sparse_ref = SPARSE_DIR
+    meta = describe_bridge(module, cfg, dense_dir.resolve(), sparse_ref, tokenizer)
+    if cfg.mode == "finetune":
+        meta["sparse_start"] = cfg.sparse  # the trained model it started from
+    meta["gate"] = gate
+    write_json(run_dir / BRIDGE_CONFIG, meta)
+    write_json(run_dir / "bridge_metrics.json", {"before": before, "after": after,
+                                                 "last_train_step": last_components, "gate": gate})
+    summary = {"job": "bridge", "mode": cfg.mode, "run_dir": str(run_dir), "steps": trainer.step, "gate": gate,
+               "trained": gate["passed"],
+               "world_size": world, "train_seconds": seconds,
+               "before": {k: v for k, v in (before or {}).items() if k != "per_site"},
+               "after": {k: v for k, v in after.items() if k != "per_site"},
+               "last_train_step": last_components,
+               **{k: v for k, v in last.items() if k != "kept_fraction"}}
+    if trainer.sparse:
+        summary["kept_fraction"] = last.get("kept_fraction")
+    write_json(run_dir / "summary.json", summary)
+    plot_training(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"bridge {cfg.run_name}")
+    print(f"== bridge finished: {run_dir} ({trainer.step} steps in {seconds:.0f}s)\n"
+          f"{format_metrics(before, after)}\n"
+          f"   (KL in nats/token; kl_dense_sparse: KL(dense || sparse) without any bridge, the yardstick)\n"
+          f"   {format_gate(gate)}\n"
+          f"   bridges: {run_dir / BRIDGES_FILE}" + (f", sparse model: {run_dir / SPARSE_DIR}"
+                                                    if cfg.trains_sparse else ""), flush=True)
+    return summary
 
 
 def _moved_model(recorded: str, folder: Path) -> str:
@@ -233,8 +274,6 @@ def _moved_model(recorded: str, folder: Path) -> str:
 
 def load_bridge(folder: str | Path, device: str | torch.device = "cpu") -> tuple[BridgedPair, Any, dict]:
     """(frozen BridgedPair in eval mode, the shared tokenizer, bridge_config.json) of a bridge folder."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     meta_path = folder / BRIDGE_CONFIG
     if not meta_path.is_file():

@@ -18,30 +18,40 @@ a site includes every path through later sites.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruning.forward import device_chunks, last_logits
 from pruning.graph import NodeIndex
 from sparse_lm.adapters import sites_of
 from tasks.loss import TaskBatch, margins
 
 
 def attribution_scores(model: nn.Module, index: NodeIndex, mean_vec: torch.Tensor, batch: TaskBatch, *,
-                       chunk_tokens: int = 8192, fast: bool = True) -> torch.Tensor:
-    """sum over examples of |grad . (activation - mean)| per node, (N,) float32 on the model's device."""
-    from pruning.pruner import _length_chunks, last_logits
+                       chunk_tokens: int = 8192, fast: bool = True,
+                       example_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> torch.Tensor:
+    """sum over examples of |grad . (activation - mean)| per node, (N,) float32 on the model's device.
 
+    `example_loss(model, batch)`, when given, replaces the binary task loss (a multi-class objective,
+    `pruning.objective`): a scalar that sums each example's own term of the task loss (examples must
+    not interact, so each example's gradient is its own); the batch is then scored in one pass.
+    """
     sites = sites_of(model)
     means = index.split(mean_vec)
     device = batch.input_ids.device
     scores = torch.zeros(index.total, dtype=torch.float64, device=device)
-    per_family = torch.bincount(batch.family, minlength=2)[:2]
-    # Each example's weight in the family-averaged loss, so per-example gradients stay separate.
-    weight_of_family = torch.where(per_family > 0, 1.0 / per_family.clamp(min=1) / int((per_family > 0).sum()), 0.0)
+    if example_loss is None:
+        per_family = torch.bincount(batch.family, minlength=2)[:2]
+        # Each example's weight in the family-averaged loss, so per-example gradients stay separate.
+        weight_of_family = torch.where(per_family > 0, 1.0 / per_family.clamp(min=1) / int((per_family > 0).sum()),
+                                       0.0)
     names = [s.name for s in index]
-    for idx in _length_chunks(batch, chunk_tokens):
-        mb = batch.select(idx)
+    for idx in (device_chunks(batch, chunk_tokens) if example_loss is None else [None]):
+        mb = batch.select(idx) if idx is not None else batch
         zeros: dict[str, torch.Tensor] = {}
         values: dict[str, torch.Tensor] = {}
 
@@ -55,9 +65,12 @@ def attribution_scores(model: nn.Module, index: NodeIndex, mean_vec: torch.Tenso
             return fn
 
         with torch.enable_grad(), sites.replace({n: make(n) for n in names}):
-            last = last_logits(model, mb, fast=fast)  # (b, V)
-            m = margins(last, mb.target_ids, mb.distractor_ids)
-            loss = (F.softplus(-m) * weight_of_family[mb.family].to(m.dtype)).sum()
+            if example_loss is not None:
+                loss = example_loss(model, mb)
+            else:
+                last = last_logits(model, mb, fast=fast)  # (b, V)
+                m = margins(last, mb.target_ids, mb.distractor_ids)
+                loss = (F.softplus(-m) * weight_of_family[mb.family].to(m.dtype)).sum()
             grads = torch.autograd.grad(loss, [zeros[n] for n in names], allow_unused=True)
         for name, g in zip(names, grads):
             if g is None:  # a site after the last position's dependence (cannot happen for node sites)

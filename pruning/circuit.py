@@ -23,8 +23,16 @@
          "snippets": [{"text": str, "activation": float,   # top-activating corpus snippets
                        "token": str, "highlight": [start, end]}]}   # text[start:end] is the max token
       ],
-      "edges": [{"src": node id, "dst": node id, "weight": float}],   # see pruning.graph
-      "num_nodes": int, "num_edges": int,   # num_edges counts all edges even when the list is capped
+      "edges": [{"src": node id, "dst": node id, "weight": float,   # see pruning.graph
+                 "type": str}],      # one of pruning.graph.EDGE_TYPES ("attn.act_in->attn.q", ...,
+                                     # "resid_delta->act_in", "attn.q<->attn.k"); weights listed first
+                                     # when the list is capped
+      "num_nodes": int,
+      "num_edges": int,              # the paper's count: nonzero weights between circuit nodes (the weight
+                                     # types; residual links and q-k pairs are not weights), all counted
+                                     # even when the list is capped
+      "num_edges_all_links": int,    # weights + residual write->read links + q-k pairs (the pre-issue-14 count)
+      "edges_by_type": {type: int},  # every edge type, zeros included
       "metrics": {                   # test split; each {"loss": nats, "accuracy": share}
         "full_model": ..., "circuit": ..., "circuit_calibrated": ...,
         "circuit_ablated": ...,      # the circuit's own nodes mean-ablated, everything else intact
@@ -62,6 +70,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from pruning.html import write_circuit_html
+from sparse_lm.io import atomic_write_text, write_json
+
 FORMAT = "sparse-lm-circuit/1"
 CHANCE_LOSS = math.log(2)
 DESTROYED_ACCURACY = 0.6
@@ -86,6 +97,7 @@ class CircuitEdge:
     src: int
     dst: int
     weight: float
+    type: str = ""  # a pruning.graph edge type ("" in files written before edges were typed)
 
 
 def _metric(loss: float, accuracy: float) -> dict[str, float]:
@@ -121,6 +133,8 @@ class Circuit:
     edges: list[CircuitEdge] = field(default_factory=list)
     num_nodes: int = 0
     num_edges: int = 0
+    num_edges_all_links: int | None = None  # None in files written before edges were typed
+    edges_by_type: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, float] = field(default_factory=lambda: {"scale": 1.0, "shift": 0.0})
@@ -132,28 +146,45 @@ class Circuit:
     reason: str = ""
     format: str = FORMAT
 
+    # -- edges ----------------------------------------------------------------------------------
+    def set_edges(self, edges: list[Any], max_listed: int) -> None:
+        """Fill the edge fields from `pruning.graph.circuit_edges` (typed edges); list at most `max_listed`.
+
+        When the list is capped the weight edges come first, so the residual links (quadratic in
+        depth) cannot crowd them out. The counts always cover every edge.
+        """
+        from pruning.graph import count_edges
+
+        counts = count_edges(edges)
+        self.num_edges, self.num_edges_all_links, self.edges_by_type = counts.weights, counts.all_links, counts.by_type
+        listed = edges if len(edges) <= max_listed else (
+            [e for e in edges if e.is_weight] + [e for e in edges if not e.is_weight])[:max_listed]
+        self.edges = [CircuitEdge(e.src, e.dst, e.weight, e.type) for e in listed]
+
+    @property
+    def edges_complete(self) -> bool:
+        """Every edge and link is in the list (it was not capped)."""
+        total = self.num_edges if self.num_edges_all_links is None else self.num_edges_all_links
+        return len(self.edges) == total
+
     # -- the sweep's view ----------------------------------------------------------------------
     @property
     def ok(self) -> bool:
-        """A circuit was found and it keeps the target on the test split."""
-        return not self.failed and bool(self.verification.get("keeps_target", False))
+        """A circuit was found and it meets the target on the VALIDATION split (see `sweep_outcome`)."""
+        return not self.objective("nodes")[1]
 
     def objective(self, size: Literal["nodes", "edges"] = "nodes") -> tuple[float, bool]:
-        """(size, is_failure) for a hyperparameter sweep: the circuit's node or edge count, or a failure.
-
-        A failed search, or a circuit that misses the target on the test split, is a
-        failure (its size is +inf).
-        """
-        if not self.ok:
-            return math.inf, True
-        return float(self.num_nodes if size == "nodes" else self.num_edges), False
+        """(size, is_failure) for a hyperparameter sweep; see `sweep_outcome`."""
+        view = {k: getattr(self, k) for k in ("failed", "metrics", "search", "target_loss", "num_nodes", "num_edges")}
+        return sweep_outcome(view, size)
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         """A plain dict (strict JSON: NaN and infinities become null)."""
         d = _finite(asdict(self))
         order = ["format", "model", "model_type", "task", "method", "target_loss", "n_layer", "node_sites",
-                 "total_nodes", "nodes", "edges", "num_nodes", "num_edges", "metrics", "verification", "calibration",
+                 "total_nodes", "nodes", "edges", "num_nodes", "num_edges", "num_edges_all_links", "edges_by_type",
+                 "metrics", "verification", "calibration",
                  "search", "hyperparameters", "completions", "target_tokens", "failed", "reason"]
         return {k: d[k] for k in order}
 
@@ -161,9 +192,11 @@ class Circuit:
         return json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n"
 
     def save(self, path: str | Path) -> None:
-        from sparse_lm.io import atomic_write_text
-
         atomic_write_text(path, self.dumps())
+
+    def write(self, out: str | Path, prune_cfg: dict[str, Any], model_dir: str) -> None:
+        """This circuit's folder: circuit.json, config.json and circuit.html (see `write_circuit_folder`)."""
+        write_circuit_folder(self.to_json(), prune_cfg, model_dir, out)
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | str | Path) -> "Circuit":
@@ -207,3 +240,55 @@ class Circuit:
             f"{v.get('destroys_task')}",
             f"   calibration: scale {self.calibration['scale']:.3f}, shift {self.calibration['shift']:.3f}",
         ] + ([f"   warning: {self.search['warning']}"] if self.search.get("warning") else []))
+
+
+def validation_loss(circuit: dict[str, Any]) -> float | None:
+    """The circuit's task loss on the validation split (nats), or None when none was measured.
+
+    Read from ``metrics["circuit_val"]`` when the pruner stored it, else from the
+    bisection trail (``search["bisection"]``, measured on validation) at the circuit's node count.
+    """
+    val = (circuit.get("metrics") or {}).get("circuit_val")
+    if isinstance(val, dict) and val.get("loss") is not None:
+        return float(val["loss"])
+    count = circuit.get("num_nodes")
+    for n, loss in reversed((circuit.get("search") or {}).get("bisection") or []):
+        if n == count and loss is not None:
+            return float(loss)
+    return None
+
+
+def sweep_outcome(circuit: dict[str, Any], size: Literal["nodes", "edges"] = "nodes") -> tuple[float, bool]:
+    """(size, is_failure) of one pruning run, as a hyperparameter sweep sees it (SPEC §5, splits).
+
+    A failure is a failed search, or a circuit whose VALIDATION loss misses the
+    target (or was not measured): the sweep chooses its best circuit on validation
+    so that the test split, on which that circuit is reported, plays no part in
+    the choice. The size is the node count or the paper's edge count
+    (``num_edges``: weights only); +inf for a failure.
+    """
+    if size not in ("nodes", "edges"):
+        raise ValueError(f"size must be 'nodes' or 'edges', got {size!r}")
+    loss = validation_loss(circuit)
+    target = circuit.get("target_loss")
+    if circuit.get("failed") or loss is None or target is None or not loss <= target:
+        return math.inf, True
+    n = circuit.get("num_nodes" if size == "nodes" else "num_edges")
+    if n is None:
+        return math.inf, True
+    return float(n), False
+
+
+def write_circuit_folder(circuit: dict[str, Any], prune_cfg: dict[str, Any], model_dir: str, out: str | Path) -> None:
+    """A circuit's folder, each file written atomically.
+
+    ``circuit.json`` (`Circuit.to_json`, or a circuit read back as a dict),
+    ``config.json`` (the resolved PruneConfig plus ``"job": "prune"`` and
+    ``"model"``: drop those two keys to rebuild the config with
+    `sparse_lm.config.from_dict`) and ``circuit.html`` (the viewer).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"job": "prune", **prune_cfg, "model": model_dir})
+    write_json(out / "circuit.json", circuit, indent=1)
+    write_circuit_html(circuit, out / "circuit.html")

@@ -1,7 +1,7 @@
 """The ``prune`` job's config: which task, which nodes, the mask optimiser and the circuit search.
 
 Resolved like every job config (`sparse_lm.config.resolve`): defaults, then a
-preset (``configs/prune-*.json``, ``"job": "prune"``), then ``key=value``
+preset (``sparse_lm/presets/prune-*.json``, ``"job": "prune"``), then ``key=value``
 overrides. The resolved config is saved beside every circuit.
 """
 

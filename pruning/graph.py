@@ -5,39 +5,59 @@ A *node* is one channel of one node site (``"1.attn.v"`` channel 12). The
 kind as the forward pass meets it, then channel), so a mask over every node is
 one vector and node id ``i`` is a stable name for the same channel.
 
-An *edge* is a nonzero weight between two open nodes (SPEC §5):
+An *edge* is a nonzero weight between two circuit nodes (SPEC §5, the paper's
+definition). `circuit_edges` lists every connection between open nodes with a
+type; only the *weight* types are edges in the headline count
+(``num_edges``, `EdgeCounts.weights`):
 
-========================  ==============================  ==========================================
-from                      to                              through
-========================  ==============================  ==========================================
-``L.attn.act_in`` i       ``L.attn.q/k/v`` j              the q/k/v rows of c_attn, ``W[j, i]``
-``L.attn.q`` j            ``L.attn.k`` j'                 the score: q and k channels of the same
-                                                          head dimension multiply (weight 1)
-``L.attn.v`` j            ``L.attn.resid_delta`` o        attn.c_proj ``W[o, j]`` (per head, through
-                                                          the attention pattern)
-``L.mlp.act_in`` i        ``L.mlp.post_act`` n            mlp.c_fc ``W[n, i]``
-``L.mlp.post_act`` n      ``L.mlp.resid_delta`` o         mlp.c_proj ``W[o, n]``
-``L.*.resid_delta`` c     ``L'.*.act_in`` c               the residual stream, for every read after
-                                                          the write in forward order (weight: the
-                                                          reading norm's gain at c)
-========================  ==============================  ==========================================
+==================================  ========================================================  =======
+type                                through                                                   counted
+==================================  ========================================================  =======
+``attn.act_in->attn.q``             the q rows of c_attn (Llama: q_proj), ``W[j, i] != 0``     yes
+``attn.act_in->attn.k``             the k rows of c_attn (k_proj)                              yes
+``attn.act_in->attn.v``             the v rows of c_attn (v_proj)                              yes
+``attn.v->attn.resid_delta``        attn.c_proj (o_proj) ``W[o, j]``, through the attention    yes
+                                    pattern; with grouped-query attention a v channel feeds
+                                    one o column per query head of its group: an edge when
+                                    any of them is nonzero (weight: the largest in size)
+``mlp.act_in->mlp.post_act``        mlp.c_fc (gated MLP: gate or up nonzero)                   yes
+``mlp.post_act->mlp.resid_delta``   mlp.c_proj (down_proj)                                     yes
+``resid_delta->act_in``             the residual stream: a write of channel c reaches every    no
+                                    later read of c (``L'.attn|mlp.act_in``); weight: the
+                                    reading norm's gain at c (0: no link)
+``attn.q<->attn.k``                 the score: q and k channels of the same head dimension     no
+                                    multiply (Llama: and the rotary partner); weight 1
+==================================  ========================================================  =======
 
-Weights are read in ``(out, in)`` layout through one small function per
-architecture (`layer_weights`): SparseGPT's ``nn.Linear`` is already
-``(out, in)``; GPT-2's ``Conv1D`` stores ``(in, out)`` and is transposed; Llama
-has separate q/k/v projections, grouped keys and a gated MLP. Edges touching a
-site kind that is not a node site are not counted.
+The residual convention. A residual channel is not a node: its writes
+(``resid_delta``) and reads (``act_in``) are. A write reaches a later read of
+the same channel through the identity of the residual stream (times the norm
+gain, which folds into the next matrix), not through a weight matrix entry, so
+these links are not edges. Counting them would link every write to every
+later read: quadratic in depth (one channel used by every block: 28 links at
+4 layers, 120 at 8) and largest for dense circuits, which use many channels.
+The q-k pairing is a product of two activations, not a weight, and is not an
+edge either. Both kinds stay listed (typed) so a viewer can draw the path of
+the signal, and are counted per type; `EdgeCounts.all_links` is the old count
+(weights + residual links + q-k pairs).
+
+Weights are read in ``(out, in)`` layout through the weight map of the
+model's architecture record (`sparse_lm.arch.layer_weights`): SparseGPT's
+``nn.Linear`` is already ``(out, in)``; GPT-2's ``Conv1D`` stores ``(in, out)`` and is transposed; Llama
+has separate q/k/v projections, grouped keys and values and a gated MLP. Edges touching a
+site kind that is not a node site are not listed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from sparse_lm.adapters import n_layers, sites_of
+from sparse_lm.adapters import sites_of
+from sparse_lm.arch import layer_weights, n_layers
 
 # Where each known kind sits in a block's forward pass; other site kinds sort after these.
 FORWARD_ORDER = {
@@ -89,7 +109,7 @@ class NodeIndex:
         self._site_of = torch.repeat_interleave(torch.arange(len(sites)), torch.tensor([s.width for s in sites]))
 
     @classmethod
-    def build(cls, model: nn.Module, node_sites: list[str]) -> "NodeIndex":
+    def build(cls, model: nn.Module, node_sites: list[str]) -> NodeIndex:
         """Node sites from kinds (``"attn.q"``: every layer) or full names (``"2.attn.q"``); checked to exist."""
         registry = sites_of(model)
         layers = n_layers(model)
@@ -153,91 +173,21 @@ class NodeIndex:
         return torch.cat([pieces[s.name].reshape(-1) for s in self.sites])
 
 
-# ---------------------------------------------------------------------------- weights per architecture
-
-
-@dataclass
-class LayerWeights:
-    """A layer's matrices in (out, in) layout, and how its q and k channels pair in the score."""
-
-    q: torch.Tensor  # (d_q, d_model)
-    k: torch.Tensor  # (d_k, d_model)
-    v: torch.Tensor  # (d_v, d_model)
-    o: torch.Tensor  # (d_model, d_v)
-    fc: torch.Tensor  # (d_mlp, d_model); for a gated MLP: nonzero where gate or up is
-    proj: torch.Tensor  # (d_model, d_mlp)
-    attn_gain: torch.Tensor  # (d_model,) gain of the norm before attention (the attn.act_in read)
-    mlp_gain: torch.Tensor  # (d_model,) gain of the norm before the MLP
-    qk_pairs: tuple[torch.Tensor, torch.Tensor]  # (q channels, k channels) that multiply in the score
-
-
-def _same_dim_pairs(width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.arange(width)
-    return idx, idx
-
-
-def _gain(norm: nn.Module, d: int) -> torch.Tensor:
-    w = getattr(norm, "weight", None)
-    return w.detach().float().cpu() if w is not None else torch.ones(d)
-
-
-def _sparse_gpt_layer(model: nn.Module, i: int) -> LayerWeights:
-    block = model.transformer.h[i]
-    d_attn = block.attn.n_head * block.attn.d_head
-    q, k, v = block.attn.c_attn.weight.detach().float().cpu().split(d_attn, dim=0)  # Linear: (out, in)
-    d = model.config.d_model
-    return LayerWeights(q=q, k=k, v=v, o=block.attn.c_proj.weight.detach().float().cpu(),
-                        fc=block.mlp.c_fc.weight.detach().float().cpu(),
-                        proj=block.mlp.c_proj.weight.detach().float().cpu(),
-                        attn_gain=_gain(block.ln_1, d), mlp_gain=_gain(block.ln_2, d), qk_pairs=_same_dim_pairs(d_attn))
-
-
-def _gpt2_layer(model: nn.Module, i: int) -> LayerWeights:
-    block = model.transformer.h[i]
-    d = model.config.n_embd
-    # Conv1D stores (in, out): transpose to (out, in).
-    q, k, v = block.attn.c_attn.weight.detach().float().cpu().t().split(d, dim=0)
-    return LayerWeights(q=q, k=k, v=v, o=block.attn.c_proj.weight.detach().float().cpu().t(),
-                        fc=block.mlp.c_fc.weight.detach().float().cpu().t(),
-                        proj=block.mlp.c_proj.weight.detach().float().cpu().t(),
-                        attn_gain=_gain(block.ln_1, d), mlp_gain=_gain(block.ln_2, d), qk_pairs=_same_dim_pairs(d))
-
-
-def _llama_layer(model: nn.Module, i: int) -> LayerWeights:
-    block = model.model.layers[i]
-    cfg = model.config
-    att, mlp = block.self_attn, block.mlp
-    q, k = att.q_proj.weight.detach().float().cpu(), att.k_proj.weight.detach().float().cpu()
-    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    group = q.shape[0] // k.shape[0]  # query heads per key head (grouped-query attention)
-    j = torch.arange(q.shape[0])
-    head, dim = j // d_head, j % d_head
-    k_same = (head // group) * d_head + dim
-    # Rotary embedding mixes dimension e with e +- d_head/2 of the same head.
-    k_rot = (head // group) * d_head + (dim + d_head // 2) % d_head
-    gate, up = mlp.gate_proj.weight.detach().float().cpu(), mlp.up_proj.weight.detach().float().cpu()
-    fc = torch.where(up != 0, up, gate)
-    d = cfg.hidden_size
-    return LayerWeights(q=q, k=k, v=att.v_proj.weight.detach().float().cpu(),
-                        o=att.o_proj.weight.detach().float().cpu(),
-                        fc=fc, proj=mlp.down_proj.weight.detach().float().cpu(),
-                        attn_gain=_gain(block.input_layernorm, d), mlp_gain=_gain(block.post_attention_layernorm, d),
-                        qk_pairs=(torch.cat([j, j]), torch.cat([k_same, k_rot])))
-
-
-WEIGHT_MAPS = {"sparse_gpt": _sparse_gpt_layer, "gpt2": _gpt2_layer, "llama": _llama_layer, "mistral": _llama_layer,
-               "qwen2": _llama_layer, "qwen3": _llama_layer}
-
-
-def layer_weights(model: nn.Module, layer: int) -> LayerWeights:
-    """The matrices of one layer in (out, in) layout, whatever the architecture."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in WEIGHT_MAPS:
-        raise ValueError(f"no weight map for model_type {model_type!r}; supported: {', '.join(sorted(WEIGHT_MAPS))}")
-    return WEIGHT_MAPS[model_type](model, layer)
-
-
 # ---------------------------------------------------------------------------- edges
+
+# Edge types (see the module docstring): the weight types count as edges, the link types do not.
+WEIGHT_EDGE_TYPES = (
+    "attn.act_in->attn.q",
+    "attn.act_in->attn.k",
+    "attn.act_in->attn.v",
+    "attn.v->attn.resid_delta",
+    "mlp.act_in->mlp.post_act",
+    "mlp.post_act->mlp.resid_delta",
+)
+RESID_LINK = "resid_delta->act_in"
+QK_LINK = "attn.q<->attn.k"
+LINK_TYPES = (RESID_LINK, QK_LINK)
+EDGE_TYPES = WEIGHT_EDGE_TYPES + LINK_TYPES
 
 
 @dataclass(frozen=True)
@@ -245,25 +195,55 @@ class Edge:
     src: int
     dst: int
     weight: float
+    type: str = ""
+
+    @property
+    def is_weight(self) -> bool:
+        """A weight matrix entry (counted in ``num_edges``), not a residual or q-k link."""
+        return self.type in WEIGHT_EDGE_TYPES
 
 
-def _matrix_edges(index: NodeIndex, open_mask: torch.Tensor, src: str, dst: str, w: torch.Tensor) -> list[Edge]:
-    """Edges src channel i -> dst channel j for W[j, i] != 0, both open."""
+@dataclass(frozen=True)
+class EdgeCounts:
+    """Counts of a list of typed edges."""
+
+    weights: int  # the headline ``num_edges``: nonzero weights between circuit nodes
+    all_links: int  # weights + residual links + q-k pairs (the count before issue 14)
+    by_type: dict[str, int]  # every type of `EDGE_TYPES`, zeros included, in that order
+
+
+def count_edges(edges: list[Edge]) -> EdgeCounts:
+    by_type = dict.fromkeys(EDGE_TYPES, 0)
+    for e in edges:
+        if e.type not in by_type:
+            raise ValueError(f"edge {e} has no known type; known: {', '.join(EDGE_TYPES)}")
+        by_type[e.type] += 1
+    weights = sum(by_type[t] for t in WEIGHT_EDGE_TYPES)
+    return EdgeCounts(weights=weights, all_links=len(edges), by_type=by_type)
+
+
+def _matrix_edges(index: NodeIndex, open_mask: torch.Tensor, src: str, dst: str, w: torch.Tensor,
+                  kind: str) -> list[Edge]:
+    """Edges src channel i -> dst channel j for W[j, i] != 0, both open. w: (dst width, src width)."""
     if src not in index.by_name or dst not in index.by_name:
         return []
     s, d = index.by_name[src], index.by_name[dst]
+    if tuple(w.shape) != (d.width, s.width):
+        raise ValueError(f"weight for {src} -> {dst} has shape {tuple(w.shape)}, expected ({d.width}, {s.width}) "
+                         f"(the weight map in sparse_lm/arch.py does not match the sites)")
     s_open = open_mask[s.offset : s.offset + s.width].nonzero().flatten()
     d_open = open_mask[d.offset : d.offset + d.width].nonzero().flatten()
     if not len(s_open) or not len(d_open):
         return []
     sub = w[d_open][:, s_open]  # (open dst, open src)
     rows, cols = sub.nonzero(as_tuple=True)
-    return [Edge(s.offset + int(s_open[c]), d.offset + int(d_open[r]), float(sub[r, c]))
+    return [Edge(s.offset + int(s_open[c]), d.offset + int(d_open[r]), float(sub[r, c]), kind)
             for r, c in zip(rows.tolist(), cols.tolist())]
 
 
 def _pair_edges(index: NodeIndex, open_mask: torch.Tensor, src: str, dst: str,
-                pairs: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor | None = None) -> list[Edge]:
+                pairs: tuple[torch.Tensor, torch.Tensor], kind: str,
+                weight: torch.Tensor | None = None) -> list[Edge]:
     """Edges src channel a -> dst channel b for each listed pair (a, b), both open (and weight != 0)."""
     if src not in index.by_name or dst not in index.by_name:
         return []
@@ -275,34 +255,61 @@ def _pair_edges(index: NodeIndex, open_mask: torch.Tensor, src: str, dst: str,
     out = []
     for i in keep.nonzero().flatten().tolist():
         w = 1.0 if weight is None else float(weight[i])
-        out.append(Edge(s.offset + int(a[i]), d.offset + int(b[i]), w))
+        out.append(Edge(s.offset + int(a[i]), d.offset + int(b[i]), w, kind))
     return out
 
 
+def fold_o_to_v(o: torch.Tensor, o_reads_v: torch.Tensor | None, d_v: int) -> torch.Tensor:
+    """The output matrix as seen from the v channels: (d_model, d_q) -> (d_model, d_v).
+
+    Column c of ``o`` reads v channel ``o_reads_v[c]`` (grouped-query attention:
+    every query head of a group reads the same key/value head, as the model
+    repeats them). A v channel's entry is the largest-in-size entry of the
+    columns that read it, so it is nonzero exactly when one of them is.
+    """
+    if o_reads_v is None:
+        if o.shape[1] != d_v:
+            raise ValueError(f"o has {o.shape[1]} input columns but v has {d_v} channels and the weight map gives "
+                             f"no column -> v channel map (LayerWeights.o_reads_v)")
+        return o
+    zeros = torch.zeros(o.shape[0], d_v, dtype=o.dtype)
+    cols = o_reads_v.to(torch.long).expand_as(o)  # (d_model, d_q): the v channel of every entry
+    hi = zeros.scatter_reduce(1, cols, o, "amax", include_self=False)  # (d_model, d_v)
+    lo = zeros.scatter_reduce(1, cols, o, "amin", include_self=False)
+    return torch.where(hi.abs() >= lo.abs(), hi, lo)
+
+
 def circuit_edges(model: nn.Module, index: NodeIndex, open_mask: torch.Tensor) -> list[Edge]:
-    """Every edge between open nodes (``open_mask``: (N,) bool), in forward order of their targets."""
+    """Every typed edge and link between open nodes (``open_mask``: (N,) bool), in forward order of their targets.
+
+    `count_edges` gives the headline count (weights only) and the count per type.
+    """
     open_mask = open_mask.bool().cpu()
     if open_mask.shape != (index.total,):
         raise ValueError(f"open_mask must be ({index.total},), got {tuple(open_mask.shape)}")
     layers = sorted({s.layer for s in index})
     edges: list[Edge] = []
-    writes: list[tuple[str, int]] = []  # residual writes seen so far, in forward order: (site, layer)
+    writes: list[str] = []  # residual writes seen so far, in forward order
     for layer in layers:
         w = layer_weights(model, layer)
         p = f"{layer}."
         for kind, gain in (("attn.act_in", w.attn_gain), ("mlp.act_in", w.mlp_gain)):
             reader = p + kind
-            for writer, _ in writes:
+            for writer in writes:
                 ch = torch.arange(gain.shape[0])
-                edges += _pair_edges(index, open_mask, writer, reader, (ch, ch), weight=gain)
+                edges += _pair_edges(index, open_mask, writer, reader, (ch, ch), RESID_LINK, weight=gain)
             if kind == "attn.act_in":
                 for n, m in (("q", w.q), ("k", w.k), ("v", w.v)):
-                    edges += _matrix_edges(index, open_mask, reader, p + f"attn.{n}", m)
-                edges += _pair_edges(index, open_mask, p + "attn.q", p + "attn.k", w.qk_pairs)
-                edges += _matrix_edges(index, open_mask, p + "attn.v", p + "attn.resid_delta", w.o)
-                writes.append((p + "attn.resid_delta", layer))
+                    edges += _matrix_edges(index, open_mask, reader, p + f"attn.{n}", m, f"attn.act_in->attn.{n}")
+                edges += _pair_edges(index, open_mask, p + "attn.q", p + "attn.k", w.qk_pairs, QK_LINK)
+                o = fold_o_to_v(w.o, w.o_reads_v, w.v.shape[0])
+                edges += _matrix_edges(index, open_mask, p + "attn.v", p + "attn.resid_delta", o,
+                                       "attn.v->attn.resid_delta")
+                writes.append(p + "attn.resid_delta")
             else:
-                edges += _matrix_edges(index, open_mask, reader, p + "mlp.post_act", w.fc)
-                edges += _matrix_edges(index, open_mask, p + "mlp.post_act", p + "mlp.resid_delta", w.proj)
-                writes.append((p + "mlp.resid_delta", layer))
+                edges += _matrix_edges(index, open_mask, reader, p + "mlp.post_act", w.fc,
+                                       "mlp.act_in->mlp.post_act")
+                edges += _matrix_edges(index, open_mask, p + "mlp.post_act", p + "mlp.resid_delta", w.proj,
+                                       "mlp.post_act->mlp.resid_delta")
+                writes.append(p + "mlp.resid_delta")
     return edges

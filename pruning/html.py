@@ -13,12 +13,11 @@ so a node's x position says where in the forward pass it lives. Nodes are
 stacked by channel; edges are curves, blue for positive weights and red for
 negative ones, as wide as their |weight|.
 
-    python -m pruning.html runs/x/circuit.json [runs/x/circuit.html]
+    sparse-lm circuit-html runs/x/circuit.json [runs/x/circuit.html]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -565,16 +564,3 @@ def write_circuit_html(circuit: dict, out_path: str | os.PathLike) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pruning.html", description="Render a circuit JSON as an HTML page.")
-    p.add_argument("circuit", type=Path, help="circuit JSON written by the pruner")
-    p.add_argument("out", type=Path, nargs="?", help="output page (default: beside the JSON, .html)")
-    args = p.parse_args(argv)
-    circuit = json.loads(args.circuit.read_text(encoding="utf-8"))
-    print(write_circuit_html(circuit, args.out or args.circuit.with_suffix(".html")))
-
-
-if __name__ == "__main__":
-    main()

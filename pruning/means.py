@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from sparse_lm.adapters import sites_of
+from sparse_lm.arch import context_length
 from sparse_lm.io import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -253,12 +254,10 @@ def load_or_compute_means(
     if model_dir is None:
         guess = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
         model_dir = guess if guess and Path(guess).is_dir() else None
-    ctx = getattr(getattr(model, "config", None), "block_size", None) or getattr(
-        getattr(model, "config", None), "n_positions", None) or getattr(
-        getattr(model, "config", None), "max_position_embeddings", None)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if blocks is None:
-        blocks, source = corpus_blocks(tokenizer, n_blocks, model_dir=model_dir, max_len=ctx, vocab_size=vocab)
+        blocks, source = corpus_blocks(tokenizer, n_blocks, model_dir=model_dir, max_len=context_length(model),
+                                       vocab_size=vocab)
     else:
         blocks, source = blocks[:n_blocks].long(), "given blocks"
     key = _cache_key(model, site_names, blocks)

@@ -37,10 +37,8 @@ target, a diverging run): it returns a `Circuit` with ``failed=True`` and the
 reason, quickly, so a hyperparameter sweep can record it and go on. A sweep
 prepares the task batches and means once (`prepare_inputs`) and passes them in.
 
-Speed: a task needs the logits of one position per prompt, so the forward pass
-stops at the ``final_resid`` site and only the last positions are unembedded
-(per architecture, `HEADS`; checked against the full forward pass before use),
-and examples are grouped by length so little padding is computed.
+The forward passes (task batches, last-position logits, margins, loss and
+accuracy) are in `pruning.forward`.
 """
 
 from __future__ import annotations
@@ -49,7 +47,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,18 +55,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning.circuit import Circuit, CircuitEdge, CircuitNode, _metric, destroys
+from pruning.attribution import attribution_scores
+from pruning.circuit import Circuit, CircuitNode, destroys
 from pruning.config import PruneConfig
+from pruning.forward import (PruneError, TaskData, batch_margins, evaluate, fast_head_ok, load_task_data,
+                             loss_and_accuracy, orientation)
 from pruning.graph import NodeIndex, circuit_edges
 from pruning.means import Means, load_or_compute_means, top_snippets
-from sparse_lm.adapters import n_layers, sites_of
-from tasks.loss import TaskBatch, encode_examples, family_mean, length_chunks, margins, task_logits_last
+from sparse_lm.adapters import sites_of
+from sparse_lm.arch import context_length, n_layers
+from tasks.loss import TaskBatch, family_mean
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["prune", "prepare_inputs", "PruneError", "TaskData", "load_task_data", "heaviside_ste", "surrogate_grad",
-           "Ablation", "bisect_count", "fit_calibration", "evaluate", "batch_margins", "last_logits", "resolve_device"]
+__all__ = ["prune", "prepare_inputs", "PruneError", "heaviside_ste", "surrogate_grad", "Ablation", "train_masks",
+           "order_nodes", "keep_mask", "bisect_count", "fit_calibration", "resolve_device", "frozen"]
 
 
 # Train examples the two calibration parameters are fitted on (more adds time, not accuracy).
@@ -76,10 +78,6 @@ CALIBRATION_EXAMPLES = 512
 # L2 weight on log(scale) and shift in the calibration fit: small enough not to matter unless the margins are
 # perfectly separable, where it keeps the fit finite.
 CALIBRATION_L2 = 1e-3
-
-
-class PruneError(ValueError):
-    """Pruning cannot produce a circuit (the message says why and what to change)."""
 
 
 # ---------------------------------------------------------------------------- the mask
@@ -143,153 +141,7 @@ class Ablation:
             yield
 
 
-# ---------------------------------------------------------------------------- task data
-
-
-@dataclass
-class TaskData:
-    """A task's train / val / test batches for one tokenizer."""
-
-    task: str
-    train: TaskBatch
-    val: TaskBatch
-    test: TaskBatch
-    completions: tuple[str, str]
-    token_strings: tuple[str, str]
-    token_ids: tuple[int, int]
-
-    def to(self, device: torch.device | str) -> "TaskData":
-        return TaskData(self.task, self.train.to(device), self.val.to(device), self.test.to(device),
-                        self.completions, self.token_strings, self.token_ids)
-
-
-def load_task_data(tokenizer: PreTrainedTokenizerBase, cfg: PruneConfig, max_length: int | None = None) -> TaskData:
-    """Resolve `cfg.task` for `tokenizer` and encode n_train / n_val / n_test examples of its splits."""
-    from tasks import get_task
-    from tasks.contract import encode_plain
-
-    task = get_task(cfg.task)
-    batches = {}
-    resolved = None
-    for split, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
-        resolved = task.resolve(tokenizer, task.examples(split, n, seed=0))
-        examples = resolved.examples
-        if max_length is not None:  # a prompt longer than the context cannot be scored: drop it
-            lengths = [len(ids) for ids in encode_plain(tokenizer, [ex.prompt for ex in examples])]
-            examples = [ex for ex, length in zip(examples, lengths) if length <= max_length]
-            if len(examples) < len(resolved.examples) / 2 or len({ex.family for ex in examples}) < 2:
-                raise PruneError(f"most {split} prompts of {task.name} are longer than the model's context "
-                                 f"{max_length}: {len(resolved.examples) - len(examples)} of {len(resolved.examples)}")
-        batches[split] = encode_examples(tokenizer, examples, max_length=max_length)
-    assert resolved is not None
-    return TaskData(task.name, batches["train"], batches["val"], batches["test"], tuple(resolved.completions),
-                    tuple(resolved.token_strings), tuple(resolved.token_ids))
-
-
-# ---------------------------------------------------------------------------- forward passes
-
-
-class _Stop(Exception):
-    """Raised from the final_resid site to end a forward pass once the residual stream is known."""
-
-
-def _head_sparse_gpt(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
-    logits = model.lm_head(model.transformer.ln_f(x)) + model.final_logits_bias
-    if model.bigram_table is not None:
-        logits = logits + model.bigram_table[last_ids].to(logits.dtype)
-    return logits
-
-
-def _head_gpt2(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(model.transformer.ln_f(x))
-
-
-def _head_llama(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(model.model.norm(x))
-
-
-# The unembedding of each architecture, applied to the final residual at the last prompt positions only:
-# a task needs one position's logits, and the full (batch, pos, vocab) logits cost as much as the layers.
-HEADS = {"sparse_gpt": _head_sparse_gpt, "gpt2": _head_gpt2, "llama": _head_llama, "mistral": _head_llama,
-         "qwen2": _head_llama}
-
-
-def last_logits(model: nn.Module, batch: TaskBatch, *, fast: bool = True) -> torch.Tensor:
-    """Logits at each prompt's last position, (B, V). With `fast`, the forward pass stops at the
-    ``final_resid`` site and only the last positions are unembedded (checked against the full
-    forward pass by `fast_head_ok`)."""
-    head = HEADS.get(getattr(model.config, "model_type", None)) if fast else None
-    if head is None:
-        return task_logits_last(model, batch.input_ids, batch.lengths)
-    box: dict[str, torch.Tensor] = {}
-
-    def grab(site, x: torch.Tensor) -> None:
-        box["x"] = x
-        raise _Stop
-
-    width = int(batch.lengths.max())
-    try:
-        with sites_of(model).hooked({"final_resid": grab}):
-            model(input_ids=batch.input_ids[:, :width])
-    except _Stop:
-        pass
-    rows = torch.arange(len(batch), device=batch.input_ids.device)
-    last = batch.lengths - 1
-    return head(model, box["x"][rows, last], batch.input_ids[rows, last])  # (B, V)
-
-
-@torch.no_grad()
-def fast_head_ok(model: nn.Module, batch: TaskBatch, n: int = 4) -> bool:
-    """Whether the last-position shortcut gives the logits of the full forward pass."""
-    if HEADS.get(getattr(model.config, "model_type", None)) is None:
-        return False
-    mb = batch.select(slice(0, n))
-    full = task_logits_last(model, mb.input_ids, mb.lengths)
-    fast = last_logits(model, mb)
-    return fast.shape == full.shape and torch.allclose(fast, full, rtol=1e-4, atol=1e-4)
-
-
-def _length_chunks(batch: TaskBatch, chunk_tokens: int) -> list[torch.Tensor]:
-    """`tasks.loss.length_chunks` of the batch, on the batch's device."""
-    return [c.to(batch.input_ids.device) for c in length_chunks(batch.lengths, chunk_tokens)]
-
-
-def batch_margins(model: nn.Module, batch: TaskBatch, *, chunk_tokens: int = 8192, fast: bool = True,
-                  record: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Target-minus-distractor margins (B,) in batch order (differentiable under grad) and, for `record`
-    sites, their values at the last prompt position ({name: (B, width)})."""
-    sites = sites_of(model)
-    chunks = _length_chunks(batch, chunk_tokens)
-    values: list[torch.Tensor] = []
-    acts: dict[str, list[torch.Tensor]] = {n: [] for n in record or []}
-    for idx in chunks:
-        mb = batch.select(idx)
-        with sites.record(record or []) as rec:
-            last = last_logits(model, mb, fast=fast)  # (b, V)
-        values.append(margins(last, mb.target_ids, mb.distractor_ids))
-        rows = torch.arange(len(mb), device=mb.lengths.device)
-        for n in acts:
-            acts[n].append(rec[n][rows, mb.lengths - 1].float())  # (b, width)
-    inverse = torch.argsort(torch.cat(chunks))  # chunk order -> batch order
-    return torch.cat(values)[inverse], {n: torch.cat(v)[inverse] for n, v in acts.items()}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batch: TaskBatch, *, chunk_tokens: int = 8192, fast: bool = True,
-             record: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`batch_margins` without gradients."""
-    return batch_margins(model, batch, chunk_tokens=chunk_tokens, fast=fast, record=record)
-
-
-def loss_and_accuracy(margin: torch.Tensor, family: torch.Tensor) -> dict[str, float]:
-    loss = family_mean(F.softplus(-margin.double()), family)
-    acc = family_mean((margin > 0).double(), family)
-    return _metric(loss.item(), acc.item())
-
-
-def orientation(family: torch.Tensor) -> torch.Tensor:
-    """+1 for family 0, -1 for family 1: margin = orientation x (logit(c0) - logit(c1))."""
-    return 1.0 - 2.0 * family.float()
+# ---------------------------------------------------------------------------- calibration and search
 
 
 def fit_calibration(diff: torch.Tensor, family: torch.Tensor, steps: int = 20) -> tuple[float, float]:
@@ -418,8 +270,12 @@ class MaskCollapse(Exception):
 
 def train_masks(model: nn.Module, ablation: Ablation, train: TaskBatch, cfg: PruneConfig, *,
                 progress: bool = True, fast: bool = True, k_coef: float | None = None,
-                collapse_at: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
+                collapse_at: float | None = None, task_loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
     """Adam on tau; returns (final tau (N,), importance (N,), curve [[step, task loss, open nodes]]).
+
+    `task_loss_fn(model, minibatch)`, when given, replaces the binary task loss (a multi-class
+    objective, `pruning.objective`); `train` is then any batch with ``select`` and ``input_ids``.
 
     importance is a running average of -d(task loss)/d(mask): how much opening a node
     would lower the loss (or closing it raise it) in the circuits seen late in training.
@@ -458,8 +314,11 @@ def train_masks(model: nn.Module, ablation: Ablation, train: TaskBatch, cfg: Pru
             mask = heaviside_ste(tau, cfg.heaviside_temp)
             mask.retain_grad()
             ablation.set(mask)
-            margin = batch_margins(model, mb, chunk_tokens=cfg.chunk_tokens, fast=fast)[0]  # (b,)
-            task_loss = family_mean(F.softplus(-margin), mb.family)
+            if task_loss_fn is not None:
+                task_loss = task_loss_fn(model, mb)
+            else:
+                margin = batch_margins(model, mb, chunk_tokens=cfg.chunk_tokens, fast=fast)[0]  # (b,)
+                task_loss = family_mean(F.softplus(-margin), mb.family)
             loss = task_loss + k_coef * mask.sum()
             if not torch.isfinite(loss):
                 raise PruneError(f"the pruning loss became {loss.item()} at step {step}; lower lr or k_coef")
@@ -509,7 +368,7 @@ def prepare_inputs(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, 
     if data is None:
         if tokenizer is None:
             raise PruneError("prune needs a tokenizer to build the task examples (or pass data=)")
-        data = load_task_data(tokenizer, cfg, max_length=_context_length(model))
+        data = load_task_data(tokenizer, cfg, max_length=context_length(model))
     if data.task not in (cfg.task, Path(cfg.task).stem):
         raise PruneError(f"the task data given are for {data.task!r}, but the config prunes for {cfg.task!r}")
     if means is None:
@@ -529,13 +388,37 @@ def _model_name(model: nn.Module, given: str | None) -> str:
     return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
 
 
-def _context_length(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for key in ("block_size", "n_positions", "max_position_embeddings"):
-        value = getattr(cfg, key, None)
-        if value:
-            return int(value)
-    return None
+@dataclass
+class _Search:
+    """What the steps of one `prune` call share: the model, its inputs, the circuit being filled in, timings."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase | None
+    cfg: PruneConfig
+    progress: bool
+    index: NodeIndex
+    data: TaskData
+    means: Means
+    mean_vec: torch.Tensor  # (N,) the ablation value of every node
+    ablation: Ablation
+    circuit: Circuit
+    t0: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    fast: bool = False  # the last-position shortcut matches the full forward pass
+    target: float = 0.0  # absolute target loss (a relative one resolved)
+    full_val: dict[str, float] = field(default_factory=dict)  # the unpruned model on the validation split
+
+    def margins(self, batch: TaskBatch, mask: torch.Tensor,
+                record: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Margins with the nodes outside `mask` mean-ablated."""
+        with self.ablation.installed(mask):
+            return evaluate(self.model, batch, chunk_tokens=self.cfg.chunk_tokens, fast=self.fast, record=record)
+
+    def fail(self, reason: str, *, timed: bool = True) -> Circuit:
+        self.circuit.failed, self.circuit.reason = True, reason
+        if timed:
+            self.circuit.search["seconds"] = {**self.seconds, "total": time.perf_counter() - self.t0}
+        return self.circuit
 
 
 def prune(
@@ -556,7 +439,30 @@ def prune(
     snippets are skipped). The model is moved to ``cfg.device``; its parameters'
     ``requires_grad`` and its train/eval mode are restored afterwards.
     """
-    seconds: dict[str, float] = {}
+    s = _start(model, tokenizer, cfg, means, progress, data=data, model_dir=model_dir, fallback_dir=fallback_dir)
+    with frozen(model):
+        reason = _check_full_model(s)
+        if reason:
+            return s.fail(reason)
+        try:
+            order, scores, tau, hint = _order_nodes(s)
+        except PruneError as e:
+            return s.fail(str(e))
+        count = _search_count(s, order, hint)
+        if count is None:  # cannot happen when the full model meets the target; kept for non-monotone surprises
+            return s.fail("no node count reaches the target on the validation split", timed=False)
+        mask, kept, acts = _measure(s, order, count)
+        _list_edges(s, mask)
+        _describe_nodes(s, kept, acts, scores, tau)
+    s.seconds["total"] = time.perf_counter() - s.t0
+    s.circuit.search["seconds"] = {k: round(v, 3) for k, v in s.seconds.items()}
+    s.circuit.search["means_source"] = s.means.source
+    return s.circuit
+
+
+def _start(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, cfg: PruneConfig, means: Means | None,
+           progress: bool, *, data: TaskData | None, model_dir: str | None, fallback_dir: str | None) -> _Search:
+    """Move the model to the device, prepare the inputs, and begin the circuit record."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     model.to(device)
@@ -565,155 +471,162 @@ def prune(
                                  fallback_dir=fallback_dir, progress=progress)
     data = data.to(device)
     mean_vec = index.join(means.values).to(device).float()
-    seconds["prepare"] = time.perf_counter() - t0
+    circuit = Circuit(model=_model_name(model, model_dir), model_type=str(getattr(model.config, "model_type", "?")),
+                      task=data.task, method=cfg.method, target_loss=cfg.target_loss, n_layer=n_layers(model),
+                      node_sites=index.names, total_nodes=index.total, hyperparameters=asdict(cfg),
+                      completions=list(data.completions), target_tokens=list(data.token_strings))
+    s = _Search(model=model, tokenizer=tokenizer, cfg=cfg, progress=progress, index=index, data=data, means=means,
+                mean_vec=mean_vec, ablation=Ablation(model, index, mean_vec), circuit=circuit, t0=t0)
+    s.seconds["prepare"] = time.perf_counter() - t0
+    return s
 
-    base = Circuit(model=_model_name(model, model_dir), model_type=str(getattr(model.config, "model_type", "?")),
-                   task=data.task, method=cfg.method, target_loss=cfg.target_loss, n_layer=n_layers(model),
-                   node_sites=index.names, total_nodes=index.total, hyperparameters=asdict(cfg),
-                   completions=list(data.completions), target_tokens=list(data.token_strings))
-    ablation = Ablation(model, index, mean_vec)
-    ct = cfg.chunk_tokens
 
-    def circuit_margins(batch: TaskBatch, mask: torch.Tensor, record: list[str] | None = None):
-        with ablation.installed(mask):
-            return evaluate(model, batch, chunk_tokens=ct, fast=fast, record=record)
+def _check_full_model(s: _Search) -> str | None:
+    """Measure the unpruned model and resolve the target; the reason to stop when the model itself misses it."""
+    model, data, cfg, ct = s.model, s.data, s.cfg, s.cfg.chunk_tokens
+    s.fast = fast_head_ok(model, data.val)
+    full_val = loss_and_accuracy(evaluate(model, data.val, chunk_tokens=ct, fast=s.fast)[0], data.val.family)
+    full_test = loss_and_accuracy(evaluate(model, data.test, chunk_tokens=ct, fast=s.fast)[0], data.test.family)
+    s.full_val = full_val
+    s.circuit.metrics["full_model"] = full_test
+    s.circuit.search.update(full_model_val=full_val, fast_head=s.fast)
+    # A relative target is measured from the model's own loss on both splits the circuit is judged on.
+    own = max(full_test["loss"], full_val["loss"])
+    s.target = cfg.target_loss if cfg.relative_margin is None else own + cfg.relative_margin
+    s.circuit.target_loss = s.target
+    if full_val["loss"] > s.target or full_test["loss"] > s.target:
+        return (
+            f"the unpruned model itself misses the target: its task loss on {data.task} is "
+            f"{full_test['loss']:.4f} nats on the test split ({full_val['loss']:.4f} on validation, accuracy "
+            f"{full_test['accuracy']:.3f}), above the target {s.target:.4f}; prune toward a target relative to the "
+            f"model's own loss, e.g. --target-loss relative:+0.05 (= {own + 0.05:.4f} here) or "
+            f"relative_margin=0.05, or use a model that solves the task"
+        )
+    return None
 
-    with frozen(model):
-        fast = fast_head_ok(model, data.val)
-        full_val = loss_and_accuracy(evaluate(model, data.val, chunk_tokens=ct, fast=fast)[0], data.val.family)
-        full_test = loss_and_accuracy(evaluate(model, data.test, chunk_tokens=ct, fast=fast)[0], data.test.family)
-        base.metrics["full_model"] = full_test
-        base.search.update(full_model_val=full_val, fast_head=fast)
-        # A relative target is measured from the model's own loss on both splits the circuit is judged on.
-        own = max(full_test["loss"], full_val["loss"])
-        target = cfg.target_loss if cfg.relative_margin is None else own + cfg.relative_margin
-        base.target_loss = target
-        if full_val["loss"] > target or full_test["loss"] > target:
-            base.failed = True
-            base.reason = (
-                f"the unpruned model itself misses the target: its task loss on {data.task} is "
-                f"{full_test['loss']:.4f} nats on the test split ({full_val['loss']:.4f} on validation, accuracy "
-                f"{full_test['accuracy']:.3f}), above the target {target:.4f}; prune toward a target relative to the "
-                f"model's own loss, e.g. --target-loss relative:+0.05 (= {own + 0.05:.4f} here) or "
-                f"relative_margin=0.05, or use a model that solves the task"
-            )
-            base.search["seconds"] = {**seconds, "total": time.perf_counter() - t0}
-            return base
 
-        t1 = time.perf_counter()
-        hint = None
-        tau = None
+def _order_nodes(s: _Search) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]:
+    """(node ids in the order they join the circuit, their scores, tau or None, nodes the masks left open or None)."""
+    t1 = time.perf_counter()
+    if s.cfg.method == "learned":
+        tau, importance = _learn_masks(s)
+        order, scores, hint = order_nodes(tau, tie_break=importance), tau, int((tau > 0).sum())
+    else:
+        scores = attribution_scores(s.model, s.index, s.mean_vec, s.data.train, chunk_tokens=s.cfg.chunk_tokens,
+                                    fast=s.fast)
+        order, tau, hint = order_nodes(scores), None, None
+    s.seconds["optimise" if s.cfg.method == "learned" else "attribution"] = time.perf_counter() - t1
+    return order, scores, tau, hint
+
+
+def _learn_masks(s: _Search) -> tuple[torch.Tensor, torch.Tensor]:
+    """`train_masks`, again with a weaker k_coef and a new seed after each collapse; (tau, importance)."""
+    cfg, progress = s.cfg, s.progress
+    # Collapse: the running task loss stays past 3/4 of the way from the model's own loss to chance.
+    collapse_at = s.full_val["loss"] + 0.75 * max(0.0, math.log(2) - s.full_val["loss"])
+    k_coef, seed, collapses = cfg.k_coef, cfg.seed, []
+    for attempt in range(cfg.collapse_retries + 1):
+        last = attempt == cfg.collapse_retries
         try:
-            if cfg.method == "learned":
-                # Collapse: the running task loss stays past 3/4 of the way from the model's own loss to chance.
-                collapse_at = full_val["loss"] + 0.75 * max(0.0, math.log(2) - full_val["loss"])
-                k_coef, seed, collapses = cfg.k_coef, cfg.seed, []
-                for attempt in range(cfg.collapse_retries + 1):
-                    last = attempt == cfg.collapse_retries
-                    try:
-                        tau, importance, curve = train_masks(model, ablation, data.train, replace(cfg, seed=seed),
-                                                             progress=progress, fast=fast, k_coef=k_coef,
-                                                             collapse_at=None if last else collapse_at)
-                        break
-                    except MaskCollapse as e:
-                        collapses.append({"k_coef": k_coef, "seed": seed, "step": e.step, "loss": round(e.loss, 4)})
-                        if progress:
-                            print(f"masks collapsed with k_coef {k_coef:g}, seed {seed} ({e}); again with k_coef "
-                                  f"{k_coef / COLLAPSE_K_FACTOR:g}, seed {seed + 1}", flush=True)
-                        k_coef, seed = k_coef / COLLAPSE_K_FACTOR, seed + 1
-                base.search.update(train_curve=curve, k_coef=k_coef, seed=seed)
-                if collapses:
-                    base.search["collapses"] = collapses
-                scores = tau
-                order = order_nodes(tau, tie_break=importance)
-                hint = int((tau > 0).sum())
-            else:
-                from pruning.attribution import attribution_scores
+            tau, importance, curve = train_masks(s.model, s.ablation, s.data.train, replace(cfg, seed=seed),
+                                                 progress=progress, fast=s.fast, k_coef=k_coef,
+                                                 collapse_at=None if last else collapse_at)
+            break
+        except MaskCollapse as e:
+            collapses.append({"k_coef": k_coef, "seed": seed, "step": e.step, "loss": round(e.loss, 4)})
+            if progress:
+                print(f"masks collapsed with k_coef {k_coef:g}, seed {seed} ({e}); again with k_coef "
+                      f"{k_coef / COLLAPSE_K_FACTOR:g}, seed {seed + 1}", flush=True)
+            k_coef, seed = k_coef / COLLAPSE_K_FACTOR, seed + 1
+    s.circuit.search.update(train_curve=curve, k_coef=k_coef, seed=seed)
+    if collapses:
+        s.circuit.search["collapses"] = collapses
+    return tau, importance
 
-                scores = attribution_scores(model, index, mean_vec, data.train, chunk_tokens=ct, fast=fast)
-                order = order_nodes(scores)
-        except PruneError as e:
-            base.failed, base.reason = True, str(e)
-            base.search["seconds"] = {**seconds, "total": time.perf_counter() - t0}
-            return base
-        seconds["optimise" if cfg.method == "learned" else "attribution"] = time.perf_counter() - t1
 
-        t1 = time.perf_counter()
+def _search_count(s: _Search, order: torch.Tensor, hint: int | None) -> int | None:
+    """The fewest nodes (in `order`) whose circuit reaches the target on the validation split."""
+    t1 = time.perf_counter()
+    total, search = s.index.total, s.circuit.search
 
-        def val_loss(count: int) -> float:
-            m = circuit_margins(data.val, keep_mask(order, count, index.total))[0]
-            return loss_and_accuracy(m, data.val.family)["loss"]
+    def val_loss(count: int) -> float:
+        m = s.margins(s.data.val, keep_mask(order, count, total))[0]
+        return loss_and_accuracy(m, s.data.val.family)["loss"]
 
-        count, trail = bisect_count(val_loss, index.total, target, hint=hint, known={index.total: full_val["loss"]})
-        base.search["bisection"] = trail
-        if hint is not None:
-            base.search["open_at_end"] = hint
-            if count is not None and count > 2 * hint + 10:
-                base.search["warning"] = (
-                    f"the masks left {hint} nodes open but the circuit needed {count}: past the open nodes the "
-                    f"order is only a guess, so the sparsity pressure was too strong for this model (lower k_coef, "
-                    f"now {base.search.get('k_coef', cfg.k_coef):g})")
-        seconds["bisection"] = time.perf_counter() - t1
-        if count is None:  # cannot happen when the full model meets the target; kept for non-monotone surprises
-            base.failed, base.reason = True, "no node count reaches the target on the validation split"
-            return base
+    count, trail = bisect_count(val_loss, total, s.target, hint=hint, known={total: s.full_val["loss"]})
+    search["bisection"] = trail
+    if hint is not None:
+        search["open_at_end"] = hint
+        if count is not None and count > 2 * hint + 10:
+            search["warning"] = (
+                f"the masks left {hint} nodes open but the circuit needed {count}: past the open nodes the "
+                f"order is only a guess, so the sparsity pressure was too strong for this model (lower k_coef, "
+                f"now {search.get('k_coef', s.cfg.k_coef):g})")
+    s.seconds["bisection"] = time.perf_counter() - t1
+    return count
 
-        t1 = time.perf_counter()
-        mask = keep_mask(order, count, index.total)
-        kept = order[:count].sort().values.tolist()
-        calib = data.train.select(slice(0, min(len(data.train), CALIBRATION_EXAMPLES)))
-        train_margin = circuit_margins(calib, mask)[0]
-        a, b = fit_calibration(train_margin * orientation(calib.family), calib.family, cfg.calibrate_steps)
-        base.calibration = {"scale": a, "shift": b}
-        node_sites = sorted({index.node(i)[0].name for i in kept})
-        test_margin, acts = circuit_margins(data.test, mask, record=node_sites)
-        s = orientation(data.test.family)
-        calibrated = s * (a * (s * test_margin) + b)
-        metrics = {
-            "full_model": full_test,
-            "circuit": loss_and_accuracy(test_margin, data.test.family),
-            "circuit_calibrated": loss_and_accuracy(calibrated, data.test.family),
-            "circuit_ablated": loss_and_accuracy(circuit_margins(data.test, 1.0 - mask)[0], data.test.family),
-            "all_ablated": loss_and_accuracy(circuit_margins(data.test, torch.zeros_like(mask))[0], data.test.family),
-        }
-        base.metrics = metrics
-        keeps = metrics["circuit"]["loss"] <= target
-        destroyed = destroys(metrics["circuit_ablated"])
-        base.verification = {
-            "keeps_target": keeps,
-            "destroys_task": destroyed,
-            "note": (f"test split: the circuit alone (all {index.total - count} other nodes mean-ablated) has loss "
-                     f"{metrics['circuit']['loss']:.4f} {'<=' if keeps else '>'} target {target:.4f}; with its own "
-                     f"{count} nodes mean-ablated the loss is {metrics['circuit_ablated']['loss']:.4f} (accuracy "
-                     f"{metrics['circuit_ablated']['accuracy']:.3f}); 'destroyed' means loss >= ln 2 = "
-                     f"{math.log(2):.4f} or accuracy <= 0.6"),
-        }
-        seconds["evaluate"] = time.perf_counter() - t1
 
-        t1 = time.perf_counter()
-        edges = circuit_edges(model, index, mask.bool())
-        base.num_edges = len(edges)
-        base.edges = [CircuitEdge(e.src, e.dst, e.weight) for e in edges[: cfg.max_listed_edges]]
-        seconds["edges"] = time.perf_counter() - t1
+def _measure(s: _Search, order: torch.Tensor, count: int) -> tuple[torch.Tensor, list[int], dict[str, torch.Tensor]]:
+    """Calibrate on train, measure on test, run the two checks; (mask (N,), kept ids, last-position activations)."""
+    t1 = time.perf_counter()
+    data, index, target, c = s.data, s.index, s.target, s.circuit
+    mask = keep_mask(order, count, index.total)
+    kept = order[:count].sort().values.tolist()
+    calib = data.train.select(slice(0, min(len(data.train), CALIBRATION_EXAMPLES)))
+    train_margin = s.margins(calib, mask)[0]
+    a, b = fit_calibration(train_margin * orientation(calib.family), calib.family, s.cfg.calibrate_steps)
+    c.calibration = {"scale": a, "shift": b}
+    node_sites = sorted({index.node(i)[0].name for i in kept})
+    test_margin, acts = s.margins(data.test, mask, record=node_sites)
+    sign = orientation(data.test.family)
+    calibrated = sign * (a * (sign * test_margin) + b)
+    fam = data.test.family
+    metrics = {
+        "full_model": c.metrics["full_model"],
+        "circuit": loss_and_accuracy(test_margin, fam),
+        "circuit_calibrated": loss_and_accuracy(calibrated, fam),
+        "circuit_ablated": loss_and_accuracy(s.margins(data.test, 1.0 - mask)[0], fam),
+        "all_ablated": loss_and_accuracy(s.margins(data.test, torch.zeros_like(mask))[0], fam),
+    }
+    c.metrics = metrics
+    keeps = metrics["circuit"]["loss"] <= target
+    c.verification = {
+        "keeps_target": keeps,
+        "destroys_task": destroys(metrics["circuit_ablated"]),
+        "note": (f"test split: the circuit alone (all {index.total - count} other nodes mean-ablated) has loss "
+                 f"{metrics['circuit']['loss']:.4f} {'<=' if keeps else '>'} target {target:.4f}; with its own "
+                 f"{count} nodes mean-ablated the loss is {metrics['circuit_ablated']['loss']:.4f} (accuracy "
+                 f"{metrics['circuit_ablated']['accuracy']:.3f}); 'destroyed' means loss >= ln 2 = "
+                 f"{math.log(2):.4f} or accuracy <= 0.6"),
+    }
+    s.seconds["evaluate"] = time.perf_counter() - t1
+    return mask, kept, acts
 
-        t1 = time.perf_counter()
-        node_keys = [(index.node(i)[0].name, index.node(i)[1]) for i in kept]
-        snippets: list[list[dict[str, Any]]] = [[] for _ in kept]
-        if cfg.snippets > 0 and tokenizer is not None and kept:
-            snippets = top_snippets(model, tokenizer, means.blocks, node_keys, k=cfg.snippets,
-                                    tokens=cfg.snippet_tokens)
-        seconds["snippets"] = time.perf_counter() - t1
-        fam = data.test.family
-        for i, (site_name, ch), snips in zip(kept, node_keys, snippets):
-            site = index.by_name[site_name]
-            values = acts[site_name][:, ch]  # (B,) at the last prompt position
-            by_family = [float(values[fam == f].mean()) if bool((fam == f).any()) else float("nan") for f in (0, 1)]
-            base.nodes.append(CircuitNode(
-                id=i, site=site_name, layer=site.layer, kind=site.kind, channel=ch,
-                tau=None if tau is None else float(tau[i]), score=float(scores[i]), mean=float(mean_vec[i]),
-                mean_by_family=by_family, snippets=snips))
-        base.num_nodes = len(base.nodes)
-    seconds["total"] = time.perf_counter() - t0
-    base.search["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    base.search["means_source"] = means.source
-    return base
+
+def _list_edges(s: _Search, mask: torch.Tensor) -> None:
+    t1 = time.perf_counter()
+    s.circuit.set_edges(circuit_edges(s.model, s.index, mask.bool()), s.cfg.max_listed_edges)  # typed, counted
+    s.seconds["edges"] = time.perf_counter() - t1
+
+
+def _describe_nodes(s: _Search, kept: list[int], acts: dict[str, torch.Tensor], scores: torch.Tensor,
+                    tau: torch.Tensor | None) -> None:
+    """One `CircuitNode` per kept node: score, mean, per-family activation, top corpus snippets."""
+    t1 = time.perf_counter()
+    index, cfg = s.index, s.cfg
+    node_keys = [(index.node(i)[0].name, index.node(i)[1]) for i in kept]
+    snippets: list[list[dict[str, Any]]] = [[] for _ in kept]
+    if cfg.snippets > 0 and s.tokenizer is not None and kept:
+        snippets = top_snippets(s.model, s.tokenizer, s.means.blocks, node_keys, k=cfg.snippets,
+                                tokens=cfg.snippet_tokens)
+    s.seconds["snippets"] = time.perf_counter() - t1
+    fam = s.data.test.family
+    for i, (site_name, ch), snips in zip(kept, node_keys, snippets):
+        site = index.by_name[site_name]
+        values = acts[site_name][:, ch]  # (B,) at the last prompt position
+        by_family = [float(values[fam == f].mean()) if bool((fam == f).any()) else float("nan") for f in (0, 1)]
+        s.circuit.nodes.append(CircuitNode(
+            id=i, site=site_name, layer=site.layer, kind=site.kind, channel=ch,
+            tau=None if tau is None else float(tau[i]), score=float(scores[i]), mean=float(s.mean_vec[i]),
+            mean_by_family=by_family, snippets=snips))
+    s.circuit.num_nodes = len(s.circuit.nodes)

@@ -1,35 +1,63 @@
 """``sparse-lm sweep``: CARBS over the pruner's hyperparameters (SPEC §5-6).
 
 Each iteration prunes the model with hyperparameters suggested by CARBS and
-observes the circuit's size at the target loss (nodes or edges; a run that
-misses the target is a failure). Workers are processes; the sweep state
-(CARBS state + every result) is written atomically after each observation,
-so a killed sweep resumes where it stopped. The best circuit so far is
-written as ``prune`` writes one (``circuit.json``, ``circuit.html``,
-``config.json``), and ``sweep.png`` plots the search.
+observes the circuit's size at the target loss (nodes, or edges as the paper
+counts them: `pruning.graph`). The protocol (SPEC §5):
+
+- searched: k_coef, lr, weight decay, beta2, Heaviside temperature, init noise
+  (the paper's six; the pruner has no warmup to search), centred on the base
+  PruneConfig;
+- failure and objective on the VALIDATION split: a run fails when the search
+  fails or its circuit's validation loss misses the target
+  (`pruning.circuit.sweep_outcome`); the best circuit is the smallest that
+  passes. The test split is only reported (``test_loss`` of each result);
+- cost = mask-optimisation steps (``prune.steps``; 1 for attribution), not
+  wall seconds, so runtime noise cannot shape CARBS's Pareto front. Every run
+  has the same cost, so the front is the smallest circuit found.
+
+Workers are processes; the sweep state (CARBS state + every result) is
+written atomically after each observation, so a killed sweep resumes where it
+stopped. The best circuit so far is written as ``prune`` writes one
+(``circuit.json``, ``circuit.html``, ``config.json``), and ``sweep.png``
+plots the search (the size against iteration, against cost with the Pareto
+front, and against each searched value).
+
+In-process use (what the app does)::
+
+    sweep = Sweep(cfg, model_dir, out)
+    best = sweep.run(progress=False)     # the best result row, or None when every run failed
+    sweep.summary()                      # best row, iterations, failures, paths of the state, circuit, plot
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from pruning.carbs import CARBS, CARBSParams, LogitSpace, LogSpace, ObservationInParam, Param
-from pruning.cli import write_outputs
+from pruning.carbs import (
+    CARBS,
+    CARBSParams,
+    LogitSpace,
+    LogSpace,
+    ObservationInParam,
+    Param,
+)
+from pruning.circuit import sweep_outcome, validation_loss, write_circuit_folder
 from pruning.config import PruneConfig
 from sparse_lm import config as configlib
 from sparse_lm.config import field, section
 from sparse_lm.io import atomic_write_bytes, atomic_write_text
 
 STATE_FILE = "sweep_state.json"
+# Version of the sweep protocol stored in the state: a state from another protocol (e.g. costs in
+# seconds, failures judged on test) must not be continued.
+PROTOCOL = "sweep-protocol/2"
 
 
 @dataclasses.dataclass
@@ -40,6 +68,7 @@ class SweepConfig:
     objective: str = field("nodes", "what CARBS minimises: 'nodes' or 'edges' of the circuit at the target loss")
     seed: int = field(0, "seed of CARBS")
     num_random_samples: int = field(4, "CARBS's first suggestions, drawn around the search center")
+    # (cost is not configurable: mask steps, see the module docstring)
 
     def validate(self) -> None:
         if self.objective not in ("nodes", "edges"):
@@ -62,6 +91,11 @@ def search_space(base: PruneConfig) -> list[Param]:
 
 
 SEARCHED = ("k_coef", "lr", "weight_decay", "beta2", "heaviside_temp", "init_noise")
+
+
+def run_cost(prune: PruneConfig) -> float:
+    """CARBS's cost of one run: its mask-optimisation steps (a constant per sweep; > 0 as CARBS needs)."""
+    return float(prune.steps) if prune.method == "learned" else 1.0
 
 
 # -- one pruning run (in a worker process or inline) -------------------------------------
@@ -110,6 +144,10 @@ class Sweep:
         self.carbs = CARBS(params, search_space(cfg.prune))
         if self.state_path.exists():
             state = json.loads(self.state_path.read_text())
+            if state.get("protocol") != PROTOCOL:
+                raise ValueError(f"{self.state_path} was written by another sweep protocol "
+                                 f"({state.get('protocol') or 'before sweep-protocol/2'}: costs or failures were "
+                                 f"judged differently); use another --out or delete it to start over")
             if state.get("config") != configlib.to_dict(cfg) or state.get("model") != model_dir:
                 raise ValueError(f"{self.state_path} belongs to another sweep (other config or model); "
                                  f"use another --out or delete it to start over")
@@ -123,7 +161,7 @@ class Sweep:
         return min(ok, key=lambda r: (r["objective"], r["iteration"])) if ok else None
 
     def _save_state(self) -> None:
-        state = {"model": self.model_dir, "config": configlib.to_dict(self.cfg), "results": self.results,
+        state = {"protocol": PROTOCOL, "model": self.model_dir, "config": configlib.to_dict(self.cfg), "results": self.results,
                  "carbs": self.carbs.get_state_dict()}
         atomic_write_text(self.state_path, json.dumps(state, indent=1) + "\n")
 
@@ -134,20 +172,25 @@ class Sweep:
 
     def _observe(self, iteration: int, suggestion: dict, result: dict) -> dict:
         c = result["circuit"]
-        failed = bool(c.get("failed")) or not c.get("verification", {}).get("keeps_target", False)
-        size = c.get("num_nodes" if self.cfg.objective == "nodes" else "num_edges")
-        objective = math.inf if failed or size is None else float(size)
+        objective, failed = sweep_outcome(c, self.cfg.objective)  # judged on the validation split
+        cost = run_cost(self.cfg.prune)
         self.carbs.observe(ObservationInParam(input=suggestion, output=objective if not failed else 0.0,
-                                              cost=result["seconds"], is_failure=failed))
+                                              cost=cost, is_failure=failed))
+        reason = c.get("reason") or ""
+        if failed and not c.get("failed"):
+            reason = f"validation loss {validation_loss(c)} misses the target {c.get('target_loss')}"
         row = {"iteration": iteration, "params": {k: suggestion[k] for k in SEARCHED}, "failed": failed,
                "objective": objective if not failed else None, "num_nodes": c.get("num_nodes"),
-               "num_edges": c.get("num_edges"), "reason": c.get("reason"), "seconds": result["seconds"],
+               "num_edges": c.get("num_edges"), "num_edges_all_links": c.get("num_edges_all_links"),
+               "edges_by_type": c.get("edges_by_type"), "reason": reason, "cost": cost,
+               "seconds": result["seconds"],  # recorded only; CARBS's cost is `cost`
+               "target_loss": c.get("target_loss"), "val_loss": validation_loss(c),
                "test_loss": (c.get("metrics") or {}).get("circuit", {}).get("loss")}
         improved = not failed and (self.best() is None or objective < self.best()["objective"])
         self.results.append(row)
         self._save_state()
         if improved:
-            write_outputs(c, self._prune_cfg(suggestion), self.model_dir, self.out)
+            write_circuit_folder(c, self._prune_cfg(suggestion), self.model_dir, self.out)
         return row
 
     def run(self, progress: bool = True) -> dict | None:
@@ -186,6 +229,16 @@ class Sweep:
         plot_sweep(self.results, self.out / "sweep.png", self.cfg.objective)
         return self.best()
 
+    def summary(self) -> dict:
+        """What a caller reads after `run`: the best result row (None when every run failed; its
+        ``objective``, ``num_nodes``, ``num_edges``, ``edges_by_type``, ``val_loss``, ``test_loss``,
+        ``params``, ``iteration``), the number of iterations and failures, and the paths written."""
+        best = self.best()
+        return {"best": best, "iterations": len(self.results), "failures": sum(r["failed"] for r in self.results),
+                "objective": self.cfg.objective, "state_file": str(self.state_path),
+                "circuit": str(self.out / "circuit.json") if best is not None else None,
+                "plot": str(self.out / "sweep.png")}
+
     @staticmethod
     def _tick(bar, row: dict) -> None:
         bar.update(1)
@@ -204,7 +257,17 @@ class Sweep:
                               fallback_dir=str(self.out))
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, size) points no other point beats in both (cheaper or equal and smaller), by cost."""
+    front: list[tuple[float, float]] = []
+    for cost, size in sorted(points):
+        if not front or size < front[-1][1]:
+            front.append((cost, size))
+    return front
+
+
 def plot_sweep(results: list[dict], png: Path, objective: str) -> None:
+    """Circuit size against iteration, against cost (mask steps) with the Pareto front, and per searched value."""
     import io
 
     import matplotlib
@@ -212,72 +275,38 @@ def plot_sweep(results: list[dict], png: Path, objective: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 1 + len(SEARCHED), figsize=(4 * (1 + len(SEARCHED)), 3.6))
-    it = [r["iteration"] for r in results if not r["failed"]]
-    ob = [r["objective"] for r in results if not r["failed"]]
-    fails = [r["iteration"] for r in results if r["failed"]]
+    n = 2 + len(SEARCHED)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6))
+    good = [r for r in results if not r["failed"]]
+    bad = [r for r in results if r["failed"]]
+    ob = [r["objective"] for r in good]
+    top = max(ob) if ob else 1
     ax = axes[0]
-    ax.plot(it, ob, "o", label="circuit")
+    ax.plot([r["iteration"] for r in good], ob, "o", label="circuit (meets target on val)")
     best, running = [], math.inf
     for r in results:
         if not r["failed"]:
             running = min(running, r["objective"])
         best.append(running)
     ax.step([r["iteration"] for r in results], best, where="post", label="best so far")
-    top = max(ob) if ob else 1
-    ax.plot(fails, [top] * len(fails), "rx", label="failed")
+    ax.plot([r["iteration"] for r in bad], [top] * len(bad), "rx", label="failed (val)")
     ax.set(xlabel="iteration", ylabel=f"circuit {objective}", title="CARBS search")
     ax.legend(fontsize=8)
-    for ax, key in zip(axes[1:], SEARCHED):
-        xs = [r["params"][key] for r in results if not r["failed"]]
-        ax.plot(xs, ob, "o")
-        ax.plot([r["params"][key] for r in results if r["failed"]], [top] * len(fails), "rx")
+    ax = axes[1]
+    ax.plot([r["cost"] for r in good], ob, "o", alpha=0.6, label="circuit")
+    front = pareto_front([(r["cost"], r["objective"]) for r in good])
+    if front:
+        ax.step([c for c, _ in front], [o for _, o in front], "k-", where="post", marker="*", ms=10,
+                label="Pareto front")
+    ax.plot([r["cost"] for r in bad], [top] * len(bad), "rx", label="failed")
+    ax.set(xlabel="cost (mask steps)", ylabel=f"circuit {objective}", title="size by cost")
+    ax.legend(fontsize=8)
+    for ax, key in zip(axes[2:], SEARCHED):
+        ax.plot([r["params"][key] for r in good], ob, "o")
+        ax.plot([r["params"][key] for r in bad], [top] * len(bad), "rx")
         ax.set(xscale="log" if key != "beta2" else "linear", xlabel=key)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     atomic_write_bytes(png, buf.getvalue())
-
-
-# -- CLI --------------------------------------------------------------------------------
-
-
-def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. prune.steps=300 objective=edges")
-    p.add_argument("--model", required=True, help="model folder (with tokenizer) or run folder")
-    p.add_argument("--task", default=None, help="task name or .jsonl file (sets prune.task)")
-    p.add_argument("--target-loss", type=float, default=None, help="sets prune.target_loss")
-    p.add_argument("--iterations", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--preset", default=None, help="a sweep preset (configs/, job 'sweep')")
-    p.add_argument("--out", required=True, help="folder for the state, the best circuit and the plot")
-    p.add_argument("--print-config", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--traceback", action="store_true")
-
-
-def run_sweep(args) -> int:
-    from sparse_lm.loading import model_dir
-
-    over = list(args.overrides)
-    for key, value in (("prune.task", args.task), ("prune.target_loss", args.target_loss),
-                       ("iterations", args.iterations), ("workers", args.workers)):
-        if value is not None:
-            over.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
-    cfg = configlib.resolve(SweepConfig, "sweep", args.preset, over)
-    if args.print_config:
-        print(configlib.describe(cfg))
-        return 0
-    sweep = Sweep(cfg, str(model_dir(args.model)), Path(args.out))
-    best = sweep.run(progress=not args.no_progress)
-    n_fail = sum(r["failed"] for r in sweep.results)
-    if best is None:
-        print(f"sweep: no run reached the target loss in {len(sweep.results)} iterations ({n_fail} failures); "
-              f"see {args.out}/sweep.png and the reasons in {STATE_FILE}", file=sys.stderr)
-        return 1
-    print(f"sweep: best circuit {best['num_nodes']} nodes, {best['num_edges']} edges at iteration "
-          f"{best['iteration']} ({n_fail} of {len(sweep.results)} runs failed); hyperparameters "
-          f"{json.dumps({k: round(v, 6) for k, v in best['params'].items()})}")
-    print(f"sweep: wrote circuit.json, circuit.html, config.json, sweep.png, {STATE_FILE} to {args.out}")
-    return 0

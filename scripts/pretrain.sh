@@ -52,4 +52,4 @@ if [[ -z "${launcher_args[*]:-}" || " ${launcher_args[*]} " != *" --master_port 
 fi
 
 echo "pretrain.sh: $nproc rank(s) on $([[ $gpus -gt 0 ]] && echo "GPU (nccl)" || echo "CPU (gloo, OMP_NUM_THREADS=$OMP_NUM_THREADS)")" >&2
-exec "$ds" --num_gpus "$nproc" "${launcher_args[@]}" --no_local_rank --module sparse_lm "$command" "$@"
+exec "$ds" --num_gpus "$nproc" "${launcher_args[@]}" --no_local_rank --module sparse_lm_app "$command" "$@"

@@ -16,33 +16,13 @@ Use :func:`sites_of` for any model::
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
+from sparse_lm.arch import ARCHS
 from sparse_lm.sites import Hook, Site, SiteRegistry
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    blocks: str  # path of the ModuleList of blocks
-    final_norm: str
-    norm1: str  # inside a block
-    attn: str
-    norm2: str
-    mlp: str
-    post_act: tuple[str, str]  # (module inside the block, "output" of it or "input" to it)
-    qkv: tuple[str, ...]  # one fused module (q, k, v stacked) or three modules
-
-
-GPT2 = ArchSpec(blocks="transformer.h", final_norm="transformer.ln_f", norm1="ln_1", attn="attn", norm2="ln_2",
-                mlp="mlp", post_act=("mlp.act", "output"), qkv=("attn.c_attn",))
-LLAMA = ArchSpec(blocks="model.layers", final_norm="model.norm", norm1="input_layernorm", attn="self_attn",
-                 norm2="post_attention_layernorm", mlp="mlp", post_act=("mlp.down_proj", "input"),
-                 qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
-ARCHS = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA}
 
 
 def _first(x):
@@ -58,8 +38,9 @@ class HFSiteRegistry(SiteRegistry):
 
     def __init__(self, model: nn.Module):
         model_type = getattr(model.config, "model_type", None)
-        if model_type not in ARCHS:
-            raise ValueError(f"no site adapter for model_type {model_type!r}; supported: {', '.join(sorted(ARCHS))}")
+        hooked = sorted(name for name, a in ARCHS.items() if not a.native_sites)
+        if model_type not in hooked:  # an unlisted one, or one that names its own sites (model.sites)
+            raise ValueError(f"no site adapter for model_type {model_type!r}; supported: {', '.join(hooked)}")
         self.model, self.spec = model, ARCHS[model_type]
         self.blocks = model.get_submodule(self.spec.blocks)
         cfg = model.config
@@ -219,8 +200,3 @@ def residual_sites(sites: SiteRegistry, n_layer: int) -> list[str]:
     names.append("final_resid")
     sites.check(names)
     return names
-
-
-def n_layers(model: nn.Module) -> int:
-    cfg = model.config
-    return getattr(cfg, "n_layer", None) or cfg.num_hidden_layers

@@ -2,10 +2,16 @@
 
 Every job (pretrain, dense, prune, sweep, bridge) has one dataclass built from
 sections. A config is resolved in three layers: the dataclass defaults, a
-preset from ``configs/<name>.json`` (or any JSON path), then command-line
-overrides such as ``train.steps=200`` or ``model.d_model=128``. Unknown keys and
-values of the wrong type are errors that name the key and the allowed choices;
-the resolved config is saved as JSON next to every output.
+preset from ``sparse_lm/presets/<name>.json`` (package data, so an installed
+wheel has them too; or any JSON path), then command-line overrides such as
+``train.steps=200`` or ``model.d_model=128``. Unknown keys and values of the
+wrong type are errors that name the key and the allowed choices; the resolved
+config is saved as JSON next to every output.
+
+A section may list renamed keys in a class attribute ``RENAMED = {old: new}``.
+In presets and overrides an old name is an error that says what to rename it to;
+in saved run configs (:func:`load`, ``legacy=True``) it is read under its new
+name with a DeprecationWarning, so runs written before the rename still resume.
 
 Fields carry their documentation in ``metadata["help"]`` (see :func:`field`),
 so ``describe()`` can print every knob with its meaning.
@@ -20,7 +26,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Presets are package data (pyproject.toml package-data), found beside this module in a checkout and a wheel alike.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 T = TypeVar("T")
 
@@ -105,10 +112,34 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build ``cls`` from a (nested) dict; unknown keys and bad types raise ConfigError."""
+def _renamed(cls: type, data: dict[str, Any], prefix: str, legacy: bool) -> dict[str, Any]:
+    """Old key names of ``cls.RENAMED``: mapped (saved configs, ``legacy``) or an error that says the new name."""
+    renamed = {old: new for old, new in getattr(cls, "RENAMED", {}).items() if old in data}
+    if not renamed:
+        return data
+    what = ", ".join(f"{prefix}{old} -> {prefix}{new}" for old, new in renamed.items())
+    if not legacy:
+        raise ConfigError(f"renamed config key{'s' if len(renamed) > 1 else ''}: {what}; use the new name")
+    import warnings
+
+    warnings.warn(f"saved config uses old key names ({what}); read under the new names", DeprecationWarning,
+                  stacklevel=3)
+    out = {k: v for k, v in data.items() if k not in renamed}
+    for old, new in renamed.items():
+        if new in out:
+            raise ConfigError(f"saved config has both {prefix}{old} and {prefix}{new}: keep only {prefix}{new}")
+        out[new] = data[old]
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", legacy: bool = False) -> T:
+    """Build ``cls`` from a (nested) dict; unknown keys and bad types raise ConfigError.
+
+    ``legacy``: the dict is a saved config; keys a section renamed are read under their new names.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    data = _renamed(cls, data, prefix, legacy)
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -124,7 +155,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             continue
         tp, value, key = hints[f.name], data[f.name], prefix + f.name
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = from_dict(tp, value, prefix=key + ".")
+            kwargs[f.name] = from_dict(tp, value, prefix=key + ".", legacy=legacy)
         else:
             kwargs[f.name] = _coerce(value, tp, key)
     obj = cls(**kwargs)
@@ -167,8 +198,9 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def list_presets(job: str | None = None) -> list[str]:
+    """Names of the packaged presets (of one job when given)."""
     names = []
-    for p in sorted(CONFIG_DIR.glob("*.json")):
+    for p in sorted(PRESET_DIR.glob("*.json")):
         if job is None or json.loads(p.read_text()).get("job") == job:
             names.append(p.stem)
     return names
@@ -177,7 +209,7 @@ def list_presets(job: str | None = None) -> list[str]:
 def read_preset(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
     if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.json"
+        path = PRESET_DIR / f"{name_or_path}.json"
     if not path.is_file():
         raise ConfigError(
             f"no preset {name_or_path!r} (looked for {path}); presets: {', '.join(list_presets()) or 'none'}"
@@ -216,9 +248,10 @@ def save(obj: Any, path: str | Path, job: str | None = None) -> None:
 
 
 def load(cls: type[T], path: str | Path) -> T:
+    """A config saved by :func:`save` (old key names of renamed sections are still read)."""
     data = json.loads(Path(path).read_text())
     data.pop("job", None)
-    return from_dict(cls, data)
+    return from_dict(cls, data, legacy=True)
 
 
 def describe(cls_or_obj: Any, prefix: str = "") -> str:

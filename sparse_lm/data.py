@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["build_datasets", "prepare_data", "load_data", "split_documents", "unigram_entropy", "META_FILE"]
+__all__ = ["build_datasets", "prepare", "prepare_data", "load_data", "split_documents", "unigram_entropy",
+           "META_FILE"]
 
 META_FILE = "data_meta.json"
 SPLITS = ("train", "validation")
@@ -316,3 +317,47 @@ def unigram_entropy(token_counts: Sequence[int] | Mapping[Any, int] | np.ndarray
     p = counts[counts > 0] / total
     return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
 
+
+def prepare(cfg, run_dir: Path, rank: int):
+    """Tokenizer and packed data of a training job (``cfg.data``), made by rank 0 and read by all ranks.
+
+    The tokenizer goes to ``data.tokenizer`` or ``<run_dir>/tokenizer`` (``<data_dir>/tokenizer`` with a
+    prepared ``data.data_dir``); the blocks to ``data.data_dir`` or ``<run_dir>/data``. Returns
+    ``(tokenizer, train blocks, validation blocks, data_meta)``.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    from sparse_lm.corpus import load_corpus
+    from sparse_lm.tokenizer import load_tokenizer, train_tokenizer
+
+    d = cfg.data
+    tok_dir = Path(d.tokenizer) if d.tokenizer else run_dir / "tokenizer"
+    data_dir = Path(d.data_dir) if d.data_dir else run_dir / "data"
+    if d.data_dir and not d.tokenizer:
+        tok_dir = data_dir / "tokenizer"
+    if rank == 0:
+        need_data = not (data_dir / META_FILE).exists()
+        need_tok = not (tok_dir / "tokenizer.json").exists()
+        if (need_tok or need_data) and (d.data_dir and need_data):
+            raise FileNotFoundError(f"data.data_dir {data_dir} has no {META_FILE}: run `sparse-lm data` first")
+        if need_tok and d.tokenizer:
+            raise FileNotFoundError(f"data.tokenizer {tok_dir} has no tokenizer.json")
+        if need_tok or need_data:
+            corpus = load_corpus(d.source, pattern=d.pattern, text_column=d.text_column, split=d.split,
+                                 max_documents=d.max_documents)
+            print(f"corpus {d.source}: {len(corpus)} documents, {corpus.num_bytes() / 1e6:.1f} MB, "
+                  f"{corpus.skipped} skipped (not UTF-8)", flush=True)
+            if need_tok:
+                t0 = time.perf_counter()
+                train_tokenizer(corpus, vocab_size=d.vocab_size, out_dir=tok_dir)
+                print(f"tokenizer: BPE {d.vocab_size} trained in {time.perf_counter() - t0:.1f}s -> {tok_dir}",
+                      flush=True)
+            if need_data:
+                prepare_data(corpus, load_tokenizer(tok_dir), data_dir, block_size=d.block_size,
+                             val_fraction=d.val_fraction, seed=cfg.train.seed, num_proc=d.num_proc)
+    dist.barrier()
+    tokenizer = load_tokenizer(tok_dir)
+    train, val, meta = load_data(data_dir, block_size=d.block_size, tokenizer_hash=compute_tokenizer_hash(tokenizer))
+    return tokenizer, train, val, meta

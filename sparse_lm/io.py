@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
+    """`obj` as JSON (``indent`` spaces, a final newline), written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -1,7 +1,13 @@
 """Configs of the training jobs (``pretrain``: sparse, ``train-dense``: GPT-2 baseline).
 
 Both share the data, optimizer and training sections; they differ in the model
-section and in whether weight sparsity is on. Presets live in ``configs/``.
+section and in whether weight sparsity is on. Presets live in ``sparse_lm/presets/``.
+
+The model sections are the model configs' own schema: every key of
+:class:`SparseModelSection` is a keyword of :class:`~sparse_lm.model.SparseGPTConfig`
+with the same default (and :class:`DenseModelSection` one of ``GPT2Config``), so
+:func:`sparse_model_config` / :func:`dense_model_config` pass the section through
+instead of copying it field by field. A unit test holds the names and defaults equal.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sparse_lm.config import field, section
+from sparse_lm.config import field, section, to_dict
 from sparse_lm.sparsity import SparsityConfig
 
 
@@ -30,29 +36,45 @@ class DataSection:
 
 @dataclass
 class SparseModelSection:
+    """Every SparseGPTConfig keyword that shapes the forward pass (vocab_size comes from the tokenizer)."""
+
     n_layer: int = field(8, "transformer blocks")
     d_model: int = field(256, "residual stream width")
     n_head: int = field(16, "attention heads")
     d_head: int = field(16, "width of each head")
     d_mlp: int = field(1024, "MLP hidden width")
+    block_size: int | None = field(None, "positions the model can read (None: max(data.block_size, 1024))")
     afrac: float | None = field(0.25, "AbsTopK kept fraction of activations (None: dense activations)")
     afrac_loctypes: list[str] = field(
         ["attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out"],
         "locations where AbsTopK acts (see sparse_lm.model.LOCTYPES)",
     )
     sink: bool = field(True, "learned per-head attention sink")
-    bigram_table: bool = field(True, "dense learnable vocab x vocab logit table (excluded from sparsity)")
+    enable_bigram_table: bool = field(True, "dense vocab x vocab logit table (excluded from sparsity)")
+    learnable_bigram_table: bool = field(True, "the bigram table trains (false: a fixed table)")
     bias: bool = field(True, "biases in the linear maps")
+    ln_bias: bool = field(False, "bias of the LayerNorms (only with rms_norm false)")
+    rms_norm: bool = field(True, "RMSNorm (false: LayerNorm)")
     activation_type: Literal["gelu", "relu"] = field("gelu", "MLP nonlinearity")
+    residual_activation_type: Literal["identity", "relu"] = field("identity", "nonlinearity on the residual stream")
     tied_unembed: bool = field(False, "tie lm_head to the token embedding")
+
+    # Keys of saved run configs written before the section took SparseGPTConfig's names.
+    RENAMED = {"bigram_table": "enable_bigram_table"}
 
 
 @dataclass
 class DenseModelSection:
+    """GPT2Config keywords of the dense baseline (dropout is always 0; vocab_size comes from the tokenizer)."""
+
     n_layer: int = field(8, "GPT-2 blocks")
     n_embd: int = field(256, "residual stream width")
     n_head: int = field(8, "attention heads")
     n_inner: int | None = field(None, "MLP hidden width (None: 4 x n_embd)")
+    n_positions: int | None = field(None, "positions the model can read (None: max(data.block_size, 1024))")
+    activation_function: str = field("gelu_new", "MLP nonlinearity (a transformers ACT2FN name)")
+    layer_norm_epsilon: float = field(1e-5, "LayerNorm epsilon")
+    tie_word_embeddings: bool = field(False, "tie lm_head to the token embedding")
 
 
 @dataclass
@@ -62,10 +84,15 @@ class OptimSection:
     beta2: float = field(0.95, "Adam beta2")
     eps: float = field(0.1, "Adam eps (paper code: 0.1; the large value matters for sparse training)")
     weight_decay: float = field(0.1, "decoupled weight decay on the weight matrices")
-    grad_rms_bound: float | None = field(1.0, "bound on the RMS of the whole gradient (None: no clipping)")
+    grad_rms_bound: float | None = field(1.0, "RMS the whole gradient is held to (see grad_rms_mode; None: no bound)")
+    grad_rms_mode: Literal["normalize", "clip", "none"] = field(
+        "clip", "normalize: rescale the whole gradient to RMS grad_rms_bound before every step (paper code); "
+        "clip: only scale it down when its RMS exceeds the bound; none: leave it"
+    )
     warmup: float = field(0.01, "fraction of steps of linear warmup")
     schedule: Literal["sharkfin", "linear", "constant"] = field(
-        "sharkfin", "sharkfin: warmup, linear decay, x sqrt(target/current L0); linear: the same without the L0 factor"
+        "sharkfin", "sharkfin: warmup, linear decay, x 1/sqrt(current L0) (paper: 1 at the dense start, so lr is the "
+        "dense-start lr); linear: the same without the L0 factor"
     )
 
 
@@ -117,3 +144,44 @@ class DenseConfig:
 
 
 JOB_CONFIGS = {"pretrain": PretrainConfig, "dense": DenseConfig}
+
+
+# ---------------------------------------------------------------------------
+# model configs built from a job config (pretrain, train-dense, bridge mode a)
+
+
+def _special_tokens(tokenizer) -> dict[str, int]:
+    eos = tokenizer.eos_token_id if tokenizer is not None else 0
+    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+
+
+def sparse_model_config(cfg, vocab_size: int, tokenizer=None):
+    """The SparseGPTConfig of a job config with a ``model`` :class:`SparseModelSection` (pretrain, bridge)."""
+    from sparse_lm.model import SparseGPTConfig
+
+    arch = to_dict(cfg.model)
+    if arch["block_size"] is None:
+        arch["block_size"] = max(cfg.data.block_size, 1024)
+    return SparseGPTConfig(vocab_size=vocab_size, **arch, **_special_tokens(tokenizer))
+
+
+def dense_model_config(cfg: DenseConfig, vocab_size: int, tokenizer=None):
+    """The GPT2Config of a ``train-dense`` job config."""
+    from transformers import GPT2Config
+
+    arch = to_dict(cfg.model)
+    if arch["n_positions"] is None:
+        arch["n_positions"] = max(cfg.data.block_size, 1024)
+    return GPT2Config(vocab_size=vocab_size, **arch, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      **_special_tokens(tokenizer))
+
+
+def build_model(cfg: PretrainConfig | DenseConfig, job: str, vocab_size: int, tokenizer=None):
+    """A freshly initialised model of a ``pretrain`` (SparseGPT) or ``dense`` (GPT2LMHeadModel) job config."""
+    if job == "pretrain":
+        from sparse_lm.model import SparseGPT
+
+        return SparseGPT(sparse_model_config(cfg, vocab_size, tokenizer))
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel(dense_model_config(cfg, vocab_size, tokenizer))

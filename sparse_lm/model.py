@@ -40,7 +40,12 @@ LOCTYPES = tuple(LOCTYPE_TO_SITE)
 
 
 class SparseGPTConfig(PretrainedConfig):
-    """Architecture of a SparseGPT; field names follow the released ``beeg_config.json``."""
+    """Architecture of a SparseGPT; field names follow the released ``beeg_config.json``.
+
+    The defaults are the paper's 1x shape, sink and bigram table included. A job
+    config's ``model`` section (:class:`sparse_lm.jobs.SparseModelSection`) has
+    exactly these keywords and defaults; change both together (a unit test checks).
+    """
 
     model_type = "sparse_gpt"
 
@@ -60,8 +65,8 @@ class SparseGPTConfig(PretrainedConfig):
         residual_activation_type: str = "identity",
         afrac: float | None = 0.25,
         afrac_loctypes: str = "attn_in,attn_q,attn_k,attn_v,attn_out,mlp_in,mlp_neuron,mlp_out",
-        sink: bool = False,
-        enable_bigram_table: bool = False,
+        sink: bool = True,
+        enable_bigram_table: bool = True,
         learnable_bigram_table: bool = True,
         tied_unembed: bool = False,
         **kwargs,

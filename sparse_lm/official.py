@@ -25,7 +25,6 @@ an export re-imports the written files and compares tensors, config and logits.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -335,7 +334,7 @@ def load_official(src_dir: str | Path, *, allow_unknown_fields: bool = False) ->
 
 
 def import_official(src_dir: str | Path, out_dir: str | Path | None = None, *, verbose: bool = False,
-                    allow_unknown_fields: bool = False, log: Log | None = print) -> SparseGPT:
+                    allow_unknown_fields: bool = False, log: Log | None = None) -> SparseGPT:
     """Load a released checkpoint folder (``beeg_config.json`` + ``final_model.pt``) as a SparseGPT.
 
     With ``out_dir``, also write it as a ``save_pretrained`` folder (safetensors,
@@ -489,38 +488,6 @@ def _check_export(folder: Path, model: SparseGPT) -> None:
             changed.append(f"logits (max |diff| {(want - got).abs().max().item():.3g})")
     if changed:
         raise RuntimeError(f"re-importing the export in {folder} changed {_listing(changed)}; nothing was written")
-
-
-# -- CLI ----------------------------------------------------------------------------
-
-
-def add_import_official_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="DIR", help=f"released checkpoint folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="write a save_pretrained model folder here (without it: check and describe only)")
-    p.add_argument("--verbose", action="store_true",
-                   help="also list the training-only fields that were ignored")
-    p.add_argument("--allow-unknown-fields", action="store_true",
-                   help="ignore config fields this importer does not know (only if they do not change the forward)")
-    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
-
-
-def run_import_official(args) -> int:
-    import_official(args.src, args.out, verbose=args.verbose, allow_unknown_fields=args.allow_unknown_fields)
-    if args.out is None:
-        print("checked only; pass --out DIR to write a model folder")
-    return 0
-
-
-def add_export_official_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a save_pretrained SparseGPT folder (or a run folder)")
-    p.add_argument("--out", metavar="DIR", required=True, help=f"folder for {CONFIG_FILE} + {WEIGHTS_FILE}")
-    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
-
-
-def run_export_official(args) -> int:
-    export_official(args.model_dir, args.out, log=print)
-    return 0
 
 
 __all__ = [

@@ -130,6 +130,58 @@ def _atomic_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+class GradRMSAdamW(torch.optim.AdamW):
+    """AdamW that first holds the RMS of the whole gradient: ``normalize``, ``clip`` or ``none``.
+
+    The bound acts inside ``step()`` because that is the one place where, under
+    every DeepSpeed layout, the gradients are final: averaged over ranks and
+    micro-batches, unscaled, and in fp32. What ``step()`` sees differs by layout:
+
+    - ZeRO-0 fp32 (and bf16-autocast): the full gradient, identical on every rank,
+      in one call; the norm is computed here.
+    - ZeRO-1/2 and DeepSpeed bf16: the fp32 master gradient, under ZeRO-1/2 only
+      this rank's partition and one parameter group per call. The norm of the
+      *full* gradient (all ranks, all groups, padding excluded) is then taken from
+      the DeepSpeed wrapper, which computes it before stepping any group
+      (``global_norm``).
+
+    Either way every rank and every group scales by the same factor, so the
+    gradient Adam receives has RMS ``bound`` (normalize) or at most ``bound`` (clip).
+    ``n_params`` is the true count of trainable entries, so partition padding never
+    dilutes the RMS. Only instance attributes are added: the state dict stays AdamW's.
+    """
+
+    def __init__(self, params, *, mode: str, bound: float | None, n_params: int, **kwargs):
+        super().__init__(params, **kwargs)
+        if mode not in ("normalize", "clip", "none"):
+            raise ValueError(f"optim.grad_rms_mode must be normalize, clip or none, got {mode!r}")
+        if mode != "none" and not (bound and bound > 0):
+            raise ValueError(f"optim.grad_rms_mode={mode} needs optim.grad_rms_bound > 0, got {bound}; "
+                             f"set a bound or grad_rms_mode=none")
+        self.rms_mode, self.rms_bound, self.n_params = mode, bound, n_params
+        # Set by the trainer when DeepSpeed wraps this optimizer (None: step() sees the full gradient).
+        self.global_norm = None
+        self.last_grad_rms = float("nan")  # RMS of the full gradient before the bound, at the last step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.global_norm is None:
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        else:
+            norm = float(self.global_norm())
+        rms = norm / math.sqrt(max(self.n_params, 1))
+        self.last_grad_rms = rms
+        scale = 1.0
+        if self.rms_mode != "none" and math.isfinite(rms) and rms > 0:
+            scale = self.rms_bound / rms
+            if self.rms_mode == "clip":
+                scale = min(scale, 1.0)
+        if scale != 1.0:
+            torch._foreach_mul_(grads, scale)
+        return super().step(closure)
+
+
 class Trainer:
     """Trains ``model`` with DeepSpeed; weight sparsity when ``sparsity`` is given and enabled."""
 
@@ -175,14 +227,16 @@ class Trainer:
 
     def _make_engine(self, model: torch.nn.Module):
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        optimizer = torch.optim.AdamW(self._param_groups(model), lr=self.oc.lr,
-                                      betas=(self.oc.beta1, self.oc.beta2), eps=self.oc.eps)
+        mode = self.oc.grad_rms_mode if self.oc.grad_rms_bound else "none"
+        optimizer = GradRMSAdamW(self._param_groups(model), mode=mode, bound=self.oc.grad_rms_bound,
+                                 n_params=n_params, lr=self.oc.lr, betas=(self.oc.beta1, self.oc.beta2),
+                                 eps=self.oc.eps)
         ds_config = {
             "train_batch_size": self.tc.global_batch,
             "train_micro_batch_size_per_gpu": self.tc.micro_batch,
             "gradient_accumulation_steps": self.grad_accum,
-            # RMS(grad) <= b  <=>  ||grad||_2 <= sqrt(n) * b: the paper's bound as a global norm clip.
-            "gradient_clipping": math.sqrt(n_params) * self.oc.grad_rms_bound if self.oc.grad_rms_bound else 0.0,
+            # The RMS bound (clip or normalize) is applied by GradRMSAdamW.step, never by DeepSpeed.
+            "gradient_clipping": 0.0,
             "zero_optimization": {"stage": self.tc.zero_stage},
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": self.tc.precision == "bf16"},
@@ -190,6 +244,22 @@ class Trainer:
             "wall_clock_breakdown": False,
         }
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        wrapper = engine.optimizer
+        if wrapper is not optimizer:
+            from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+            from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+            from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+            # ZeRO-1/2 (fp32, bf16) and bf16 ZeRO-0 (FP16_Optimizer in its bf16 mode): step() may see
+            # only a partition or one group. Each wrapper sets _global_grad_norm, the norm of the full,
+            # all-reduced, unscaled gradient, before it calls step() (the trainer tests check the RMS
+            # Adam receives under each layout).
+            if not isinstance(wrapper, (BF16_Optimizer, FP16_Optimizer, DeepSpeedZeroOptimizer)):
+                raise TrainingError(f"DeepSpeed wrapped the optimizer in {type(wrapper).__name__}, which this trainer "
+                                    f"cannot read the gradient norm from: use train.zero_stage 0, 1 or 2 with "
+                                    f"precision fp32, bf16-autocast or bf16")
+            optimizer.global_norm = lambda: wrapper._global_grad_norm
+        self.optimizer = optimizer
         return engine
 
     def _autocast(self):
@@ -207,10 +277,8 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         if self.oc.schedule == "constant":
             return self.oc.lr
-        target, current = 1.0, 1.0
-        if self.oc.schedule == "sharkfin" and self.sparse:
-            target, current = self.sc.target_fraction, self.fraction_at(step)
-        return sp.sharkfin_lr(step, self.tc.steps, self.oc.lr, self.oc.warmup, target, current)
+        current = self.fraction_at(step) if self.oc.schedule == "sharkfin" else 1.0
+        return sp.sharkfin_lr(step, self.tc.steps, self.oc.lr, self.oc.warmup, current)
 
     # -- one step --------------------------------------------------------------
     def train_step(self) -> float:
@@ -229,7 +297,7 @@ class Trainer:
         if self.sparse:
             # After EVERY optimizer step: project each matrix to its L0 for the next step.
             masks = sp.compute_masks(self.matrices, self.sc, self.step + 1, self.tc.steps)
-            sp.apply_masks(self.matrices, masks, self.engine.optimizer)
+            sp.apply_masks(self.matrices, masks, self.engine.optimizer, zero_moments=self.sc.zero_moments)
         dist.all_reduce(total)
         mean = float(total) / (self.grad_accum * self.world)
         if not math.isfinite(mean):
@@ -274,7 +342,10 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------
     def save_checkpoint(self) -> None:
         tag = f"step{self.step:07d}"
-        state = {"step": self.step, "torch_rng": torch.get_rng_state(), "job": self.job}
+        # The resolved job config rides in the checkpoint (plain JSON types), so a resume rebuilds the
+        # architecture from the checkpoint itself, not from a config.json that may be gone or edited.
+        config = json.loads(json.dumps(configlib.to_dict(self.job_config))) if self.job_config is not None else None
+        state = {"step": self.step, "torch_rng": torch.get_rng_state(), "job": self.job, "job_config": config}
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
         dist.barrier()
         if self.rank == 0:
@@ -354,7 +425,7 @@ class Trainer:
             if self.step % self.tc.log_every == 0 or done:
                 dt = time.perf_counter() - t_last
                 row = {"step": self.step, "loss": loss, **getattr(self.module, "last_components", {}),
-                       "lr": self.lr_at(self.step - 1),
+                       "lr": self.lr_at(self.step - 1), "grad_rms": self.optimizer.last_grad_rms,
                        "tokens": self.step * tokens_per_step, "tokens_per_s": steps_since * tokens_per_step / dt,
                        **self.sparsity_row()}
                 t_last, steps_since = time.perf_counter(), 0
@@ -402,6 +473,31 @@ def export_model(trainer: Trainer, model_factory, out_dir: Path, tokenizer=None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return out_dir
+
+
+def checkpoint_job_config(ckpt_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """(job, resolved config dict) saved in the newest checkpoint of ``ckpt_dir``; None when there is none.
+
+    Read without DeepSpeed (the model to load into is built from this config). Checkpoints written
+    before the config rode along return None: the caller falls back to the run's config.json.
+    """
+    latest = Path(ckpt_dir) / "latest"
+    if not latest.is_file():
+        return None
+    tag_dir = Path(ckpt_dir) / latest.read_text().strip()
+    # ZeRO 0-2 keep the client state in rank 0's model-states file; mmap: the weights are not read.
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise TrainingError(f"checkpoint {tag_dir} has no {path.name}: it is incomplete; delete it and resume again")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a truncated or foreign file; the message says what to do either way
+        raise TrainingError(f"checkpoint {tag_dir} could not be read ({type(e).__name__}: {e}): delete it (or set "
+                            f"{latest} to an earlier tag) and resume again") from e
+    config = state.get("job_config")
+    if config is None:
+        return None
+    return str(state.get("job", "pretrain")), config
 
 
 def save_job_config(cfg: Any, job: str, run_dir: Path) -> None:

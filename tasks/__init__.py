@@ -12,12 +12,12 @@ Using tasks::
     task = get_task("single_double_quote")
     examples = task.examples("train", n=1000, seed=0)   # balanced, deterministic
     dataset = task.dataset("test")                       # datasets.Dataset: prompt, target, distractor, family
-    resolved = task.resolve(tokenizer)                   # token ids; raises TaskTokenizationError if impossible
+    resolved = resolve_task(task, tokenizer)             # token ids; raises TaskTokenizationError if impossible
     evaluate_task(model, tokenizer, task, split="test")  # {"task", "loss", "accuracy", "examples", "dropped"}
 
-Adding a task (one small file): put a module in ``tasks/library/`` (every
-module there is imported on first use of the registry), or anywhere you
-import before use, with a generator decorated by `register_task`::
+Adding a task (one small file): put a module in ``tasks/library/`` and add
+its import to ``tasks/library/__init__.py``, or anywhere you import before
+use, with a generator decorated by `register_task`::
 
     import random
     from tasks import register_task
@@ -33,7 +33,7 @@ returns the prompt and its continuation: the code written after the prompt,
 starting with that family's completion (return the prompt alone if you have
 none). Vary everything but the cue. Make each completion a whole piece of
 what a byte-level BPE emits next: a quote before a newline, not before ``)``
-(``')`` is one token); check with ``task.resolve(tokenizer)``, which reports
+(``')`` is one token); check with ``resolve_task(task, tokenizer)``, which reports
 how the completions tokenize and how many examples break the contract.
 
 A task can also be a JSONL file of ``{"prompt", "target", "distractor"}``
@@ -44,19 +44,10 @@ from tasks.contract import ResolvedTask, TaskTokenizationError, resolve_task
 from tasks.evaluate import describe_tasks, evaluate_task, evaluate_tasks, evaluate_tasks_or_report, format_table
 from tasks.jsonl import load_jsonl_task
 from tasks.loss import TaskBatch, binary_task_loss, encode_examples, family_mean, task_logits_last
-from tasks.registry import (
-    DEFAULT_SIZES,
-    SPLITS,
-    Example,
-    Split,
-    Task,
-    UnknownTaskError,
-    add_task,
-    get_task,
-    list_tasks,
-    register_task,
-    split_of,
-)
+from tasks.registry import UnknownTaskError, add_task, get_task, list_tasks, register_task
+from tasks.task import DEFAULT_SIZES, SPLITS, Example, Split, Task, split_of
+
+import tasks.library  # noqa: F401  (registers the built-in tasks)
 
 __all__ = [
     "DEFAULT_SIZES",

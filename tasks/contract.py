@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from tasks.registry import Example, Task
+    from tasks.task import Example, Task
 
 __all__ = ["TaskTokenizationError", "ResolvedTask", "resolve_task", "tokenizer_label", "encode_plain", "next_token"]
 

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from tasks.contract import TaskTokenizationError
+from tasks.contract import TaskTokenizationError, resolve_task
 from tasks.loss import encode_examples, length_chunks, margins, task_logits_last
-from tasks.registry import Split, Task, get_task, list_tasks
+from tasks.registry import get_task, list_tasks
+from tasks.task import Split, Task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -40,7 +41,7 @@ def evaluate_task(
     device of its first parameter); it is put in eval mode and restored after.
     """
     task = get_task(task) if isinstance(task, str) else task
-    resolved = task.resolve(tokenizer, task.examples(split, n, seed), max_drop_fraction=max_drop_fraction)
+    resolved = resolve_task(task, tokenizer, task.examples(split, n, seed), max_drop_fraction=max_drop_fraction)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = getattr(model, "training", False)
@@ -119,7 +120,7 @@ def describe_tasks(
         row: dict[str, Any] = {"task": task.name, "completions": task.completions}
         if tokenizer is not None:
             try:
-                resolved = task.resolve(tokenizer, task.examples(split, n))
+                resolved = resolve_task(task, tokenizer, task.examples(split, n))
                 row.update(tokens=resolved.token_strings, dropped=f"{resolved.dropped}/{resolved.checked}")
             except TaskTokenizationError as err:
                 row.update(tokens=f"ERROR: {str(err).splitlines()[0]}", dropped="-")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.registry import Example, Task
+from tasks.task import Example, Task
 
 __all__ = ["load_jsonl_task"]
 

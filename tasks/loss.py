@@ -21,7 +21,7 @@ from tasks.contract import TaskTokenizationError, encode_plain, next_token, toke
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from tasks.registry import Example
+    from tasks.task import Example
 
 __all__ = ["TaskBatch", "encode_examples", "task_logits_last", "binary_task_loss", "family_mean", "margins"]
 
@@ -78,7 +78,7 @@ def encode_examples(
 ) -> TaskBatch:
     """Tokenize examples (no special tokens) into a right-padded `TaskBatch`.
 
-    The examples should come from `Task.resolve(tokenizer)`, which guarantees that
+    The examples should come from `tasks.contract.resolve_task(task, tokenizer)`, which guarantees that
     each completion is the prompt's real next token; here each completion is only
     checked to add exactly one token to its prompt (that token is its id).
     `max_length` (e.g. the model's context) is a hard limit: a longer prompt is an

@@ -1,1 +1,8 @@
-"""Built-in tasks. Every module here is imported by the registry on first use; to add a task, add a file."""
+"""Built-in tasks: importing this package registers every task below (`tasks` imports it).
+
+To add a task, add a module here and import it in this list.
+"""
+
+from tasks.library import brackets, control_flow, definitions, strings, variables  # noqa: F401
+
+__all__ = ["brackets", "control_flow", "definitions", "strings", "variables"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from tasks.codegen import NOUNS, enclosing, open_block, pick, quoted, statements, var_name
-from tasks.registry import Sample, register_task
+from tasks.registry import register_task
+from tasks.task import Sample
 
 
 def _atom(rng: random.Random, names: list[str], last: bool = False) -> str:

@@ -18,7 +18,8 @@ from tasks.codegen import (
     statements,
     var_name,
 )
-from tasks.registry import Sample, register_task
+from tasks.registry import register_task
+from tasks.task import Sample
 
 
 @register_task(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from tasks.codegen import enclosing, open_block, phrase, pick, quoted, statements, var_name, words
-from tasks.registry import Sample, register_task
+from tasks.registry import register_task
+from tasks.task import Sample
 
 
 @register_task(

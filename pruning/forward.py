@@ -1,0 +1,174 @@
+"""Forward passes for task scoring: a task's batches, last-position logits, margins, loss and accuracy.
+
+Shared by the learned pruner (`pruning.pruner`), the attribution baseline
+(`pruning.attribution`) and whoever measures a model on a task before
+pruning it.
+
+Speed: a task needs the logits of one position per prompt, so the forward
+pass stops at the ``final_resid`` site and only the last positions are
+unembedded (the architecture's fast head, `sparse_lm.arch`; checked against
+the full forward pass by `fast_head_ok` before use), and examples are grouped
+by length so little padding is computed.
+
+    data = load_task_data(tokenizer, cfg, max_length=context_length(model))
+    margin, _ = evaluate(model, data.test)
+    loss_and_accuracy(margin, data.test.family)     # {"loss": nats, "accuracy": share}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruning.circuit import _metric
+from pruning.config import PruneConfig
+from sparse_lm.adapters import sites_of
+from sparse_lm.arch import ARCHS
+from tasks.contract import encode_plain, resolve_task
+from tasks.loss import TaskBatch, encode_examples, family_mean, length_chunks, margins, task_logits_last
+from tasks.registry import get_task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["PruneError", "TaskData", "load_task_data", "last_logits", "fast_head_ok", "device_chunks",
+           "batch_margins", "evaluate", "loss_and_accuracy", "orientation"]
+
+
+class PruneError(ValueError):
+    """Pruning cannot produce a circuit (the message says why and what to change)."""
+
+
+# ---------------------------------------------------------------------------- task data
+
+
+@dataclass
+class TaskData:
+    """A task's train / val / test batches for one tokenizer."""
+
+    task: str
+    train: TaskBatch
+    val: TaskBatch
+    test: TaskBatch
+    completions: tuple[str, str]
+    token_strings: tuple[str, str]
+    token_ids: tuple[int, int]
+
+    def to(self, device: torch.device | str) -> "TaskData":
+        return TaskData(self.task, self.train.to(device), self.val.to(device), self.test.to(device),
+                        self.completions, self.token_strings, self.token_ids)
+
+
+def load_task_data(tokenizer: PreTrainedTokenizerBase, cfg: PruneConfig, max_length: int | None = None) -> TaskData:
+    """Resolve `cfg.task` for `tokenizer` and encode n_train / n_val / n_test examples of its splits."""
+    task = get_task(cfg.task)
+    batches = {}
+    resolved = None
+    for split, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
+        resolved = resolve_task(task, tokenizer, task.examples(split, n, seed=0))
+        examples = resolved.examples
+        if max_length is not None:  # a prompt longer than the context cannot be scored: drop it
+            lengths = [len(ids) for ids in encode_plain(tokenizer, [ex.prompt for ex in examples])]
+            examples = [ex for ex, length in zip(examples, lengths) if length <= max_length]
+            if len(examples) < len(resolved.examples) / 2 or len({ex.family for ex in examples}) < 2:
+                raise PruneError(f"most {split} prompts of {task.name} are longer than the model's context "
+                                 f"{max_length}: {len(resolved.examples) - len(examples)} of {len(resolved.examples)}")
+        batches[split] = encode_examples(tokenizer, examples, max_length=max_length)
+    assert resolved is not None
+    return TaskData(task.name, batches["train"], batches["val"], batches["test"], tuple(resolved.completions),
+                    tuple(resolved.token_strings), tuple(resolved.token_ids))
+
+
+# ---------------------------------------------------------------------------- forward passes
+
+
+class _Stop(Exception):
+    """Raised from the final_resid site to end a forward pass once the residual stream is known."""
+
+
+def _fast_head(model: nn.Module):
+    arch = ARCHS.get(getattr(model.config, "model_type", None))
+    return None if arch is None else arch.head
+
+
+def last_logits(model: nn.Module, batch: TaskBatch, *, fast: bool = True) -> torch.Tensor:
+    """Logits at each prompt's last position, (B, V). With `fast`, the forward pass stops at the
+    ``final_resid`` site and only the last positions are unembedded (checked against the full
+    forward pass by `fast_head_ok`)."""
+    head = _fast_head(model) if fast else None
+    if head is None:
+        return task_logits_last(model, batch.input_ids, batch.lengths)
+    box: dict[str, torch.Tensor] = {}
+
+    def grab(site, x: torch.Tensor) -> None:
+        box["x"] = x
+        raise _Stop
+
+    width = int(batch.lengths.max())
+    try:
+        with sites_of(model).hooked({"final_resid": grab}):
+            model(input_ids=batch.input_ids[:, :width])
+    except _Stop:
+        pass
+    rows = torch.arange(len(batch), device=batch.input_ids.device)
+    last = batch.lengths - 1
+    return head(model, box["x"][rows, last], batch.input_ids[rows, last])  # (B, V)
+
+
+@torch.no_grad()
+def fast_head_ok(model: nn.Module, batch: TaskBatch, n: int = 4) -> bool:
+    """Whether the last-position shortcut gives the logits of the full forward pass."""
+    if _fast_head(model) is None:
+        return False
+    mb = batch.select(slice(0, n))
+    full = task_logits_last(model, mb.input_ids, mb.lengths)
+    fast = last_logits(model, mb)
+    return fast.shape == full.shape and torch.allclose(fast, full, rtol=1e-4, atol=1e-4)
+
+
+def device_chunks(batch: TaskBatch, chunk_tokens: int) -> list[torch.Tensor]:
+    """`tasks.loss.length_chunks` of the batch (index tensors), on the batch's device."""
+    return [c.to(batch.input_ids.device) for c in length_chunks(batch.lengths, chunk_tokens)]
+
+
+def batch_margins(model: nn.Module, batch: TaskBatch, *, chunk_tokens: int = 8192, fast: bool = True,
+                  record: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Target-minus-distractor margins (B,) in batch order (differentiable under grad) and, for `record`
+    sites, their values at the last prompt position ({name: (B, width)})."""
+    sites = sites_of(model)
+    chunks = device_chunks(batch, chunk_tokens)
+    values: list[torch.Tensor] = []
+    acts: dict[str, list[torch.Tensor]] = {n: [] for n in record or []}
+    for idx in chunks:
+        mb = batch.select(idx)
+        with sites.record(record or []) as rec:
+            last = last_logits(model, mb, fast=fast)  # (b, V)
+        values.append(margins(last, mb.target_ids, mb.distractor_ids))
+        rows = torch.arange(len(mb), device=mb.lengths.device)
+        for n in acts:
+            acts[n].append(rec[n][rows, mb.lengths - 1].float())  # (b, width)
+    inverse = torch.argsort(torch.cat(chunks))  # chunk order -> batch order
+    return torch.cat(values)[inverse], {n: torch.cat(v)[inverse] for n, v in acts.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batch: TaskBatch, *, chunk_tokens: int = 8192, fast: bool = True,
+             record: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`batch_margins` without gradients."""
+    return batch_margins(model, batch, chunk_tokens=chunk_tokens, fast=fast, record=record)
+
+
+def loss_and_accuracy(margin: torch.Tensor, family: torch.Tensor) -> dict[str, float]:
+    """Family-averaged task loss (nats) and accuracy of target-minus-distractor margins."""
+    loss = family_mean(F.softplus(-margin.double()), family)
+    acc = family_mean((margin > 0).double(), family)
+    return _metric(loss.item(), acc.item())
+
+
+def orientation(family: torch.Tensor) -> torch.Tensor:
+    """+1 for family 0, -1 for family 1: margin = orientation x (logit(c0) - logit(c1))."""
+    return 1.0 - 2.0 * family.float()

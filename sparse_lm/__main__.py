@@ -1,5 +1,0 @@
-import sys
-
-from sparse_lm.cli import main
-
-sys.exit(main())

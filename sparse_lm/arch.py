@@ -1,0 +1,201 @@
+"""One record per model architecture the toolkit reads: where its parts are and how to read them.
+
+Everything that depends on a model's ``config.model_type`` is here, so adding
+an architecture is one record (and a test that builds a tiny one):
+
+- the module paths the site adapter hooks (`sparse_lm.adapters`),
+- the weight map: a layer's matrices in ``(out, in)`` layout for circuit
+  edges (`pruning.graph`),
+- the fast head: the unembedding applied to the final residual at a few
+  positions only (`pruning.forward`),
+- which config attributes hold the context length and the number of layers.
+
+SparseGPT (``sparse_gpt``) is listed too: it has its own named sites
+(``native_sites``), but its weights, head, context and depth are read the
+same way as any other model's.
+
+    from sparse_lm.arch import arch_of, context_length, n_layers
+    arch_of(model).weights(model, 0)     # LayerWeights of layer 0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+
+__all__ = ["Arch", "ARCHS", "LayerWeights", "arch_of", "context_length", "n_layers", "layer_weights"]
+
+
+@dataclass
+class LayerWeights:
+    """A layer's matrices in (out, in) layout, and how its q and k channels pair in the score."""
+
+    q: torch.Tensor  # (d_q, d_model)
+    k: torch.Tensor  # (d_k, d_model)
+    v: torch.Tensor  # (d_v, d_model)
+    o: torch.Tensor  # (d_model, d_q): one input column per query channel (d_q = d_v without GQA)
+    fc: torch.Tensor  # (d_mlp, d_model); for a gated MLP: nonzero where gate or up is
+    proj: torch.Tensor  # (d_model, d_mlp)
+    attn_gain: torch.Tensor  # (d_model,) gain of the norm before attention (the attn.act_in read)
+    mlp_gain: torch.Tensor  # (d_model,) gain of the norm before the MLP
+    qk_pairs: tuple[torch.Tensor, torch.Tensor]  # (q channels, k channels) that multiply in the score
+    # (d_q,) the v channel each input column of o reads; None: column j reads v channel j. Grouped-query
+    # attention repeats each key/value head for its group of query heads, so o has d_q columns.
+    o_reads_v: torch.Tensor | None = None
+
+
+WeightMap = Callable[[nn.Module, int], LayerWeights]
+# (model, final residual at some positions (n, d_model), the token ids at those positions (n,)) -> logits (n, V)
+Head = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How to find and read the parts of one architecture (paths are ``get_submodule`` paths)."""
+
+    model_type: str
+    blocks: str  # path of the ModuleList of blocks
+    final_norm: str
+    norm1: str  # inside a block
+    attn: str
+    norm2: str
+    mlp: str
+    post_act: tuple[str, str]  # (module inside the block, "output" of it or "input" to it)
+    qkv: tuple[str, ...]  # one fused module (q, k, v stacked) or three modules
+    weights: WeightMap  # a layer's matrices for circuit edges
+    head: Head  # the unembedding of the final residual
+    context_key: str  # config attribute: the longest sequence the model takes
+    layers_key: str  # config attribute: the number of blocks
+    native_sites: bool = False  # the model names its own sites (``model.sites``); no hooks needed
+
+
+# ---------------------------------------------------------------------------- weight maps
+
+
+def _same_dim_pairs(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.arange(width)
+    return idx, idx
+
+
+def _gain(norm: nn.Module, d: int) -> torch.Tensor:
+    w = getattr(norm, "weight", None)
+    return w.detach().float().cpu() if w is not None else torch.ones(d)
+
+
+def _w(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach().float().cpu()
+
+
+def _sparse_gpt_layer(model: nn.Module, i: int) -> LayerWeights:
+    block = model.transformer.h[i]
+    d_attn = block.attn.n_head * block.attn.d_head
+    q, k, v = _w(block.attn.c_attn).split(d_attn, dim=0)  # Linear: (out, in)
+    d = model.config.d_model
+    return LayerWeights(q=q, k=k, v=v, o=_w(block.attn.c_proj), fc=_w(block.mlp.c_fc), proj=_w(block.mlp.c_proj),
+                        attn_gain=_gain(block.ln_1, d), mlp_gain=_gain(block.ln_2, d), qk_pairs=_same_dim_pairs(d_attn))
+
+
+def _gpt2_layer(model: nn.Module, i: int) -> LayerWeights:
+    block = model.transformer.h[i]
+    d = model.config.n_embd
+    # Conv1D stores (in, out): transpose to (out, in).
+    q, k, v = _w(block.attn.c_attn).t().split(d, dim=0)
+    return LayerWeights(q=q, k=k, v=v, o=_w(block.attn.c_proj).t(), fc=_w(block.mlp.c_fc).t(),
+                        proj=_w(block.mlp.c_proj).t(), attn_gain=_gain(block.ln_1, d), mlp_gain=_gain(block.ln_2, d),
+                        qk_pairs=_same_dim_pairs(d))
+
+
+def _llama_layer(model: nn.Module, i: int) -> LayerWeights:
+    block = model.model.layers[i]
+    cfg = model.config
+    att, mlp = block.self_attn, block.mlp
+    q, k = _w(att.q_proj), _w(att.k_proj)
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = q.shape[0] // k.shape[0]  # query heads per key head (grouped-query attention)
+    j = torch.arange(q.shape[0])
+    head, dim = j // d_head, j % d_head
+    k_same = (head // group) * d_head + dim  # also the v channel query channel j's head output reads
+    # Rotary embedding mixes dimension e with e +- d_head/2 of the same head.
+    k_rot = (head // group) * d_head + (dim + d_head // 2) % d_head
+    gate, up = _w(mlp.gate_proj), _w(mlp.up_proj)
+    fc = torch.where(up != 0, up, gate)
+    d = cfg.hidden_size
+    return LayerWeights(q=q, k=k, v=_w(att.v_proj), o=_w(att.o_proj), fc=fc, proj=_w(mlp.down_proj),
+                        attn_gain=_gain(block.input_layernorm, d), mlp_gain=_gain(block.post_attention_layernorm, d),
+                        qk_pairs=(torch.cat([j, j]), torch.cat([k_same, k_rot])), o_reads_v=k_same)
+
+
+# ---------------------------------------------------------------------------- fast heads
+
+
+def _head_sparse_gpt(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
+    logits = model.lm_head(model.transformer.ln_f(x)) + model.final_logits_bias
+    if model.bigram_table is not None:
+        logits = logits + model.bigram_table[last_ids].to(logits.dtype)
+    return logits
+
+
+def _head_gpt2(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(model.transformer.ln_f(x))
+
+
+def _head_llama(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(model.model.norm(x))
+
+
+# ---------------------------------------------------------------------------- the records
+
+
+SPARSE_GPT = Arch(model_type="sparse_gpt", blocks="transformer.h", final_norm="transformer.ln_f", norm1="ln_1",
+                  attn="attn", norm2="ln_2", mlp="mlp", post_act=("mlp.act", "output"), qkv=("attn.c_attn",),
+                  weights=_sparse_gpt_layer, head=_head_sparse_gpt, context_key="block_size", layers_key="n_layer",
+                  native_sites=True)
+GPT2 = Arch(model_type="gpt2", blocks="transformer.h", final_norm="transformer.ln_f", norm1="ln_1", attn="attn",
+            norm2="ln_2", mlp="mlp", post_act=("mlp.act", "output"), qkv=("attn.c_attn",), weights=_gpt2_layer,
+            head=_head_gpt2, context_key="n_positions", layers_key="n_layer")
+LLAMA = Arch(model_type="llama", blocks="model.layers", final_norm="model.norm", norm1="input_layernorm",
+             attn="self_attn", norm2="post_attention_layernorm", mlp="mlp", post_act=("mlp.down_proj", "input"),
+             qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), weights=_llama_layer,
+             head=_head_llama, context_key="max_position_embeddings", layers_key="num_hidden_layers")
+# Same module layout as Llama (Qwen3 adds per-head q/k norms after the projections: the q/k sites and the
+# rotary pairing are unchanged).
+MISTRAL = replace(LLAMA, model_type="mistral")
+QWEN2 = replace(LLAMA, model_type="qwen2")
+QWEN3 = replace(LLAMA, model_type="qwen3")
+# A tracr-compiled transformer (`pruning.groundtruth.torch_model`) copies SparseGPT's module layout and site
+# names (identity norms without a gain: gains of 1), so SparseGPT's weight map and head read it unchanged.
+TRACR = replace(SPARSE_GPT, model_type="tracr")
+
+ARCHS: dict[str, Arch] = {a.model_type: a for a in (SPARSE_GPT, GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, TRACR)}
+
+
+def arch_of(model: nn.Module) -> Arch:
+    """The record of a model's architecture (by ``config.model_type``); a clear error for an unlisted one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHS:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(ARCHS))} "
+                         f"(add a record to sparse_lm/arch.py)")
+    return ARCHS[model_type]
+
+
+def context_length(model: nn.Module) -> int:
+    """The longest sequence the model takes (tokens)."""
+    return int(getattr(model.config, arch_of(model).context_key))
+
+
+def n_layers(model: nn.Module) -> int:
+    """The number of blocks."""
+    return int(getattr(model.config, arch_of(model).layers_key))
+
+
+def layer_weights(model: nn.Module, layer: int) -> LayerWeights:
+    """The matrices of one layer in (out, in) layout, whatever the architecture."""
+    return arch_of(model).weights(model, layer)
+
+
+def missing_fields(arch: Arch) -> list[str]:
+    """Fields of a record left empty (a test keeps every record complete)."""
+    return [f.name for f in fields(arch) if f.type != "bool" and getattr(arch, f.name) in (None, "", ())]

@@ -1,0 +1,127 @@
+"""What every main-job stage sees: the plan of the chosen preset and the pipeline (run folder, stage
+configs resolved before anything starts, the launcher, the results so far)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = ROOT / "scripts" / "pretrain.sh"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one main-job preset runs: the stage presets and the sizes of the in-process stages."""
+
+    sparse: str
+    dense: str
+    bridge: str
+    prune: str
+    minutes: dict[str, float]  # stage estimates on a 2-core CPU machine (measured for tiny and debug)
+    measured: bool = True  # False: the estimates are not measured for this plan's machine
+    eval_examples: int = 512
+    intervention_examples: int = 256
+    intervention_controls: int = 8
+    k_coef_search: bool = True  # learned masks at k_coef and 2 k_coef, the smaller circuit kept
+    prune_at_chance: bool = False  # toy models are at chance: prune them anyway to exercise the stage
+    target_margin: float = 0.05  # common target = the worse model's own loss + this, when above 0.15
+
+
+TINY_MINUTES = {"data": 1.0, "sparse": 59.0, "dense": 15.0, "eval": 5.0, "prune": 18.0, "bridge": 15.0,
+                "report": 0.1}
+PLANS: dict[str, Plan] = {
+    "tiny": Plan("tiny", "tiny-dense", "bridge-tiny-alone", "prune-main", TINY_MINUTES),
+    "paper-1x": Plan("paper-1x", "paper-1x-dense", "bridge-tiny-alone", "prune-main", TINY_MINUTES, measured=False),
+    "debug": Plan("debug", "debug-dense", "bridge-debug", "prune-debug",
+                  {"data": 0.3, "sparse": 1.5, "dense": 1.0, "eval": 0.5, "prune": 1.0, "bridge": 1.0, "report": 0.1},
+                  eval_examples=128, intervention_examples=64, intervention_controls=4, k_coef_search=False,
+                  prune_at_chance=True, target_margin=0.005),
+}
+STAGE_CONFIGS = ("sparse", "dense", "bridge", "prune")  # stages with a config of their own
+
+
+class Pipeline:
+    def __init__(self, args: argparse.Namespace, plan: Plan):
+        self.args = args
+        self.plan = plan
+        self.run_dir = Path(args.out) / args.name
+        self.stage_dir = self.run_dir / "stages"
+        self.config_dir = self.run_dir / "configs"
+        self.data_dir = self.run_dir / "data"
+        self.results: dict[str, dict] = {}
+        self.configs: dict[str, Any] = {}
+        self.timings: dict[str, dict] = {}
+
+    # -- configs ---------------------------------------------------------------------------
+    def resolve_configs(self, overrides: list[str]) -> None:
+        """Every stage's config from its preset and the STAGE.KEY=VALUE overrides, checked and saved now."""
+        from bridges.config import BridgeConfig
+        from pruning.config import PruneConfig
+        from sparse_lm import config as configlib
+        from sparse_lm.jobs import DenseConfig, PretrainConfig
+
+        by_stage: dict[str, list[str]] = {s: [] for s in STAGE_CONFIGS}
+        for o in overrides:
+            stage, dot, rest = o.partition(".")
+            if not dot or stage not in by_stage or "=" not in rest:
+                raise configlib.ConfigError(
+                    f"{o!r}: main-job overrides are STAGE.KEY=VALUE with STAGE one of {', '.join(STAGE_CONFIGS)}")
+            by_stage[stage].append(rest)
+        run, data = str(self.run_dir), str(self.data_dir)
+        training = [f"out_dir={run}", f"data.data_dir={data}"]
+        spec = {
+            "sparse": (PretrainConfig, "pretrain", self.plan.sparse, ["run_name=sparse", *training]),
+            "dense": (DenseConfig, "dense", self.plan.dense, ["run_name=dense", *training]),
+            "bridge": (BridgeConfig, "bridge", self.plan.bridge,
+                       ["run_name=bridge", f"out_dir={run}", f"data.data_dir={data}",
+                        f"data.tokenizer={self.data_dir / 'tokenizer'}", f"dense={self.run_dir / 'dense'}",
+                        f"sparse={self.run_dir / 'sparse' / 'model'}"]),
+            "prune": (PruneConfig, "prune", self.plan.prune, []),
+        }
+        for stage, (cls, job, preset, fixed) in spec.items():
+            self.configs[stage] = configlib.resolve(cls, job, preset, [*fixed, *by_stage[stage]])
+        sparse, dense = self.configs["sparse"].data, self.configs["dense"].data
+        if (sparse.block_size, sparse.vocab_size) != (dense.block_size, dense.vocab_size):
+            raise configlib.ConfigError(
+                f"the sparse and dense stages read one prepared corpus: data.block_size/vocab_size must agree "
+                f"(sparse {sparse.block_size}/{sparse.vocab_size}, dense {dense.block_size}/{dense.vocab_size})")
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        for stage in STAGE_CONFIGS:
+            configlib.save(self.configs[stage], self.config_dir / f"{stage}.json", job=spec[stage][1])
+
+    def prune_config(self, **changes: Any):
+        """The prune stage's config with per-circuit changes (task, method, target)."""
+        from sparse_lm import config as configlib
+
+        base = self.configs["prune"]
+        return configlib.from_dict(type(base), {**configlib.to_dict(base), **changes})
+
+    # -- launching -------------------------------------------------------------------------
+    def launch_dir(self, stage: str) -> Path:
+        cfg = self.configs[stage]
+        return Path(cfg.out_dir) / cfg.run_name
+
+    def launch(self, command: str, stage: str) -> dict:
+        """A training job on ``--nproc`` ranks through scripts/pretrain.sh with the saved config; its summary."""
+        self.launch_job(command, ["--preset", str(self.config_dir / f"{stage}.json")])
+        return json.loads((self.launch_dir(stage) / "summary.json").read_text())
+
+    def launch_job(self, command: str, args: list[str]) -> None:
+        import torch
+
+        # CPU: 2 ranks unless told; GPUs: pretrain.sh starts one rank per GPU unless told
+        gpus = torch.cuda.is_available()
+        nproc = [] if self.args.nproc is None and gpus else ["--nproc", str(self.args.nproc or 2)]
+        cmd = ["bash", str(LAUNCHER), *nproc, "--command", command, "--", *args]
+        env = dict(os.environ, PYTHON=sys.executable)
+        res = subprocess.run(cmd, env=env)
+        if res.returncode:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {res.returncode}; fix the error above and "
+                               f"run the main job again (finished stages are kept)")

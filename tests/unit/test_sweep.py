@@ -1,0 +1,118 @@
+"""``sparse-lm sweep``: CARBS over pruning runs, resumable state, best circuit written as by prune."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pruning.circuit import Circuit
+from pruning.sweep import PROTOCOL, STATE_FILE, Sweep, SweepConfig, pareto_front, search_space
+from sparse_lm import config as configlib
+from sparse_lm_app.cli import main
+from sparse_lm.model import SparseGPT, SparseGPTConfig
+from sparse_lm.tokenizer import load_tokenizer
+
+FAST = ["prune.steps=15", "prune.n_train=64", "prune.n_val=32", "prune.n_test=32", "prune.mean_blocks=4",
+        "prune.relative_margin=0.05", "prune.snippets=1", "prune.task=single_double_quote"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(small_data, tmp_path_factory):
+    tok = load_tokenizer(small_data / "tokenizer")
+    out = tmp_path_factory.mktemp("sweep_model")
+    torch.manual_seed(0)
+    SparseGPT(SparseGPTConfig(vocab_size=len(tok), block_size=512, n_layer=1, n_head=2, d_head=8, d_model=16,
+                              d_mlp=32)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_search_space_is_centred_on_the_base_config():
+    cfg = configlib.resolve(SweepConfig, "sweep", None, ["prune.k_coef=0.002", "prune.lr=0.1"])
+    centres = {p.name: p.search_center for p in search_space(cfg.prune)}
+    assert centres["k_coef"] == 0.002 and centres["lr"] == 0.1
+    assert set(centres) == {"k_coef", "lr", "weight_decay", "beta2", "heaviside_temp", "init_noise"}
+
+
+def test_sweep_resumes_after_a_kill_and_writes_the_best_circuit(model_dir, tmp_path):
+    out = tmp_path / "sweep"
+    cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=2"])
+    Sweep(cfg, str(model_dir), out).run(progress=False)
+    first = json.loads((out / STATE_FILE).read_text())["results"]
+    assert len(first) == 2
+    # "kill": a suggestion was handed out but never observed
+    sweep = Sweep(cfg, str(model_dir), out)
+    sweep.carbs.suggest()
+    sweep._save_state()
+    cfg3 = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=3"])
+    with pytest.raises(ValueError, match="belongs to another sweep"):
+        Sweep(cfg3, str(model_dir), out)  # a different config must not silently continue someone else's state
+    best = Sweep(cfg, str(model_dir), out)
+    assert not best.carbs.outstanding_suggestions  # the lost suggestion is forgotten on resume
+    assert best.results == first
+    ok = [r for r in first if not r["failed"]]
+    assert ok  # a random model's own loss + 0.05 is reachable
+    assert all(r["cost"] == 15.0 for r in first)  # mask steps, not seconds
+    assert all(r["val_loss"] <= r["target_loss"] for r in ok)  # judged on validation
+    circuit = json.loads((out / "circuit.json").read_text())
+    assert circuit["num_nodes"] == min(r["num_nodes"] for r in ok)
+    assert set(circuit["edges_by_type"]) >= {"attn.act_in->attn.q", "resid_delta->act_in"}
+    assert (out / "circuit.html").exists() and (out / "config.json").exists()
+    assert (out / "sweep.png").stat().st_size > 5000
+    summary = best.summary()
+    assert summary["best"]["num_nodes"] == circuit["num_nodes"] and summary["iterations"] == 2
+    assert summary["state_file"] == str(out / STATE_FILE) and summary["circuit"] == str(out / "circuit.json")
+    # a state from the earlier protocol (costs in seconds, failures on test) is not continued
+    state = json.loads((out / STATE_FILE).read_text())
+    assert state["protocol"] == PROTOCOL
+    del state["protocol"]
+    (out / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="another sweep protocol"):
+        Sweep(cfg, str(model_dir), out)
+
+
+def _fake_circuit(val_loss: float, test_loss: float, nodes: int, edges: int) -> dict:
+    c = Circuit(model="m", model_type="sparse_gpt", task="t", method="learned", target_loss=0.15, n_layer=1,
+                node_sites=["0.mlp.post_act"], total_nodes=32, num_nodes=nodes, num_edges=edges)
+    c.search = {"bisection": [[32, 0.01], [nodes, val_loss], [nodes - 1, 0.5]]}  # val loss at the chosen count
+    c.metrics = {"circuit": {"loss": test_loss, "accuracy": 0.9}}
+    c.verification = {"keeps_target": test_loss <= 0.15, "destroys_task": True, "note": ""}
+    return c.to_json()
+
+
+def test_failure_and_choice_use_validation_and_cost_is_mask_steps(tmp_path):
+    cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=3", "prune.steps=40"])
+    sweep = Sweep(cfg, "unused-model", tmp_path)
+    runs = [
+        (_fake_circuit(val_loss=0.12, test_loss=0.40, nodes=9, edges=4), 500.0),  # val ok, test misses: success
+        (_fake_circuit(val_loss=0.30, test_loss=0.05, nodes=3, edges=1), 0.5),  # val misses, test ok: failure
+        (_fake_circuit(val_loss=0.15, test_loss=0.10, nodes=12, edges=6), 2.0),  # at the target: success
+    ]
+    rows = [sweep._observe(i, sweep.carbs.suggest().suggestion, {"circuit": c, "seconds": sec})
+            for i, (c, sec) in enumerate(runs)]
+    assert [r["failed"] for r in rows] == [False, True, False]
+    assert "validation loss 0.3" in rows[1]["reason"]
+    assert sweep.best()["iteration"] == 0 and sweep.best()["objective"] == 9.0  # chosen on validation
+    assert json.loads((tmp_path / "circuit.json").read_text())["num_nodes"] == 9
+    costs = [o.cost for o in sweep.carbs.success_observations + sweep.carbs.failure_observations]
+    assert costs == [40.0, 40.0, 40.0]  # the seconds (500, 0.5, 2) play no part
+    assert Circuit.from_json(runs[1][0]).objective("edges") == (float("inf"), True)
+    assert Circuit.from_json(runs[0][0]).objective("edges") == (4.0, False)
+
+
+def test_pareto_front_keeps_only_unbeaten_points():
+    assert pareto_front([(40, 9), (40, 12), (20, 15), (80, 9), (80, 5)]) == [(20, 15), (40, 9), (80, 5)]
+
+
+def test_sweep_cli(model_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["sweep", "--model", str(model_dir), "--iterations", "2", "--out", str(out), "--no-progress", *FAST])
+    text = capsys.readouterr()
+    state = json.loads((out / STATE_FILE).read_text())
+    assert len(state["results"]) == 2
+    assert all(set(r["params"]) == {"k_coef", "lr", "weight_decay", "beta2", "heaviside_temp", "init_noise"}
+               for r in state["results"])
+    assert rc == 0, text.err
+    assert "best circuit" in text.out and (out / "circuit.json").exists()
