@@ -10,6 +10,8 @@ one run so that the noise of a shared machine hits every variant alike:
 * ``sparse_no_abstopk``  the same model and optimizer as ``sparse`` with every
               site's AbsTopK switched off for the step (same weights): the
               difference to ``sparse`` is the AbsTopK share;
+* ``sparse_torch_abstopk``  ``sparse`` with the pure-torch AbsTopK selection
+              (``SPARSE_LM_ABSTOPK=histogram``) instead of the compiled op;
 * ``l0``      the L0 projection alone, at the preset's target fraction;
 * ``gpt2``    (``--gpt2``) a transformers GPT2LMHeadModel of the same shape.
 
@@ -45,9 +47,10 @@ import torch  # noqa: E402
 
 from sparse_lm import config as configlib  # noqa: E402
 from sparse_lm import sparsity as sp  # noqa: E402
+from sparse_lm import topk as topk_impl  # noqa: E402
 from sparse_lm.jobs import PretrainConfig  # noqa: E402
 from sparse_lm.model import SparseGPT, SparseGPTConfig  # noqa: E402
-from sparse_lm.pretrain import sparse_model_config  # noqa: E402
+from sparse_lm.jobs import sparse_model_config  # noqa: E402
 
 VOCAB = 2048
 
@@ -120,6 +123,23 @@ class Stepper:
         sp.apply_masks(self.matrices, masks, self.opt)
 
 
+class abstopk_path:
+    """Force one AbsTopK selection path (``SPARSE_LM_ABSTOPK``) for the block."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        self.saved = os.environ.get(topk_impl.PATH_ENV)
+        os.environ[topk_impl.PATH_ENV] = self.path
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop(topk_impl.PATH_ENV, None)
+        else:
+            os.environ[topk_impl.PATH_ENV] = self.saved
+
+
 class abstopk_off:
     """Switch every site's AbsTopK off for the block (the weights stay the model's own)."""
 
@@ -180,10 +200,15 @@ def bench_plain(preset: str, precision: str, args) -> dict:
         with abstopk_off(sparse_model):
             sparse.step(batches[r % 4])
 
+    def torch_abstopk(r: int) -> None:
+        with abstopk_path("histogram"):
+            sparse.step(batches[r % 4])
+
     variants: dict[str, Callable[[int], None]] = {
         "dense": lambda r: dense.step(batches[r % 4]),
         "sparse": lambda r: sparse.step(batches[r % 4]),
         "sparse_no_abstopk": no_abstopk,
+        "sparse_torch_abstopk": torch_abstopk,
         "l0": lambda r: sparse.project(),
     }
     if args.gpt2:
@@ -307,10 +332,34 @@ def select_topk_int_keys(x, k):
     return torch.zeros_like(a, dtype=torch.uint8).scatter_(-1, idx, 1).view(x.shape)
 
 
-def select_current(x, k):
+def select_histogram(x, k):
     from sparse_lm.topk import _abs_topk_mask
 
     return _abs_topk_mask(x, k)
+
+
+class _AbsTopKCpp(torch.autograd.Function):
+    """The compiled op (sparse_lm/csrc/abstopk.cpp): fused select + mask forward, mask backward."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        y, keep = topk_impl.cpp_ops(required=True).abstopk(x.contiguous(), k)
+        ctx.save_for_backward(keep)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return topk_impl.cpp_ops(required=True).mask_apply(grad, keep), None
+
+
+def select_cpp(x, k):
+    return topk_impl.cpp_ops(required=True).abstopk_mask(x.contiguous(), k)
+
+
+def select_current(x, k):
+    """What sparse_lm.sites.abs_topk uses now (SPARSE_LM_ABSTOPK, default: the compiled op)."""
+    return topk_impl.abs_topk_forward(x, k)[1]
 
 
 ABSTOPK_VARIANTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
@@ -320,7 +369,8 @@ ABSTOPK_VARIANTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "kthvalue -> threshold + tie fix-up": lambda x, k: _MaskMul.apply(x, k, select_kthvalue_threshold),
     "topk on a bf16 copy (inexact)": lambda x, k: _MaskMul.apply(x, k, select_topk_bf16),
     "topk on int keys (bits of abs x), uint8 mask": lambda x, k: _MaskMul.apply(x, k, select_topk_int_keys),
-    "current: histogram select, uint8 mask": lambda x, k: _MaskMul.apply(x, k, select_current),
+    "histogram select, uint8 mask (pure-torch fallback)": lambda x, k: _MaskMul.apply(x, k, select_histogram),
+    "C++ op: bitwise count select, fused mask (current)": _AbsTopKCpp.apply,
 }
 
 
@@ -449,6 +499,9 @@ def summarize(preset: str, precision: str, args, wall: dict[str, list[float]], c
         "cpu_abstopk_share": (cmed["sparse"] - cmed["sparse_no_abstopk"]) / cmed["sparse"],
         "cpu_l0_share": cmed["l0"] / cmed["sparse"],
     }
+    if "sparse_torch_abstopk" in med:
+        row["ratio_torch_abstopk_dense"] = med["sparse_torch_abstopk"] / med["dense"]
+        row["cpu_ratio_torch_abstopk_dense"] = cmed["sparse_torch_abstopk"] / cmed["dense"]
     if "gpt2" in med:
         row["gpt2_tok_s"] = tokens / med["gpt2"]
     return row
@@ -456,14 +509,19 @@ def summarize(preset: str, precision: str, args, wall: dict[str, list[float]], c
 
 def table(rows: list[dict]) -> str:
     gpt2 = any("gpt2_tok_s" in r for r in rows)
+    alt = any("ratio_torch_abstopk_dense" in r for r in rows)
     head = ["shape", "precision", "dense tok/s", "sparse tok/s", "sparse/dense step time", "AbsTopK share",
-            "L0-projection share", "same by CPU time: ratio / AbsTopK / L0"] + (["GPT-2 tok/s"] if gpt2 else [])
+            "L0-projection share", "same by CPU time: ratio / AbsTopK / L0"] + \
+        (["sparse/dense with pure-torch AbsTopK (wall / CPU)"] if alt else []) + (["GPT-2 tok/s"] if gpt2 else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["shape"], r["precision"], f"{r['dense_tok_s']:,.0f}", f"{r['sparse_tok_s']:,.0f}",
                  f"{r['ratio_sparse_dense']:.2f}x", f"{100 * r['abstopk_share']:.0f}%", f"{100 * r['l0_share']:.0f}%",
                  f"{r['cpu_ratio_sparse_dense']:.2f}x / {100 * r['cpu_abstopk_share']:.0f}% / "
                  f"{100 * r['cpu_l0_share']:.0f}%"]
+        if alt:
+            cells.append(f"{r['ratio_torch_abstopk_dense']:.2f}x / {r['cpu_ratio_torch_abstopk_dense']:.2f}x"
+                         if "ratio_torch_abstopk_dense" in r else "")
         if gpt2:
             cells.append(f"{r['gpt2_tok_s']:,.0f}" if "gpt2_tok_s" in r else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -472,7 +530,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=["tiny", "paper-1x"], help="pretrain presets (configs/*.json)")
+    ap.add_argument("--shapes", nargs="+", default=["tiny", "paper-1x"], help="pretrain presets (sparse_lm/presets/*.json)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="bf16 = torch.autocast(cpu, bfloat16), the trainer's 'bf16-autocast'")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")

@@ -1,0 +1,219 @@
+// Exact row-wise AbsTopK on CPU: keep the k entries of largest |x| in every row.
+//
+// Built on first use by sparse_lm/topk.py through torch.utils.cpp_extension.load
+// (no pybind: the ops are registered with the dispatcher and called as
+// torch.ops.sparse_lm_abstopk.*). With the sign bit cleared, the bits of an IEEE
+// float read as an unsigned integer order like its magnitude (NaN above inf, as
+// torch.topk orders them), so the selection works on integer keys:
+//
+// 1. the k-th largest key T is found bit by bit from the top (T | bit is kept when
+//    at least k keys are >= it): one vectorized compare-and-count pass per bit over
+//    a row that sits in L1 (15 passes for 16-bit floats; for float32 the top 16 bits
+//    so, then an exact nth_element among the few keys sharing them);
+// 2. every key > T is kept (a vectorized pass writing mask and output), then keys
+//    == T from the lowest column on until the row holds exactly k.
+//
+// Tie rule: of the entries whose |x| equals the k-th largest, the lowest columns are
+// kept (-0.0 and +0.0 tie). Rows run in parallel on torch's intra-op thread pool.
+// The hot loops are compiled for AVX-512BW, AVX2 and baseline x86-64 (GCC
+// target_clones picks one at load time), so the cached build runs on any x86-64.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SLM_CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
+#else
+#define SLM_CLONES
+#endif
+
+namespace {
+
+// Number of entries whose key (bits & msk) is >= t.
+// Counters as wide as the keys keep the loop in one lane width (2x faster than widening);
+// chunks of 2^15 cannot overflow them.
+SLM_CLONES int64_t count_ge16(const uint16_t* x, int64_t n, uint16_t t) {
+  int64_t total = 0;
+  for (int64_t s = 0; s < n; s += 32768) {
+    const int64_t e = std::min<int64_t>(n, s + 32768);
+    uint16_t c = 0;
+    for (int64_t i = s; i < e; ++i) c += (uint16_t)(x[i] & 0x7fffu) >= t;
+    total += c;
+  }
+  return total;
+}
+SLM_CLONES int64_t count_ge32(const uint32_t* x, int64_t n, uint32_t t) {
+  uint32_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += (x[i] & 0x7fffffffu) >= t;
+  return c;
+}
+
+// keep[i] = key > t; y[i] = keep ? x[i] : +0 (bits), y may be null.
+SLM_CLONES void write_gt16(const uint16_t* x, int64_t n, uint16_t t, uint8_t* keep, uint16_t* y) {
+  for (int64_t i = 0; i < n; ++i) keep[i] = (uint16_t)(x[i] & 0x7fffu) > t;
+  if (y)
+    for (int64_t i = 0; i < n; ++i) y[i] = (uint16_t)(x[i] & (uint16_t)(-(uint16_t)keep[i]));
+}
+SLM_CLONES void write_gt32(const uint32_t* x, int64_t n, uint32_t t, uint8_t* keep, uint32_t* y) {
+  for (int64_t i = 0; i < n; ++i) keep[i] = (x[i] & 0x7fffffffu) > t;
+  if (y)
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] & (0u - (uint32_t)keep[i]);
+}
+
+// Keys == t from the lowest column on, until `take` more are kept.
+template <typename U>
+inline void take_ties(const U* x, int64_t n, uint32_t msk, uint32_t t, int64_t take, uint8_t* keep, U* y) {
+  for (int64_t i = 0; i < n && take > 0; ++i) {
+    if (((uint32_t)x[i] & msk) == t) {
+      keep[i] = 1;
+      if (y) y[i] = x[i];
+      --take;
+    }
+  }
+}
+
+// One row of 16-bit floats (bf16, fp16).
+inline void select_row16(const uint16_t* x, int64_t n, int64_t k, uint8_t* keep, uint16_t* y) {
+  uint32_t t = 0;  // the largest key with at least k keys >= it: the k-th largest key
+  for (int b = 14; b >= 0; --b) {
+    const uint32_t c = t | (1u << b);
+    if (count_ge16(x, n, (uint16_t)c) >= k) t = c;
+  }
+  const int64_t above = t == 0x7fffu ? 0 : count_ge16(x, n, (uint16_t)(t + 1));
+  if (count_ge16(x, n, (uint16_t)t) == k) {  // every key == t is kept: no tie to break
+    write_gt16(x, n, (uint16_t)(t - 1), keep, y);  // t >= 1 here: k < n keys are >= t
+    return;
+  }
+  write_gt16(x, n, (uint16_t)t, keep, y);
+  take_ties<uint16_t>(x, n, 0x7fffu, t, k - above, keep, y);
+}
+
+// One row of float32: the top 16 key bits by counting, the rest exactly among the keys sharing them.
+inline void select_row32(const uint32_t* x, int64_t n, int64_t k, uint8_t* keep, uint32_t* y,
+                         std::vector<uint32_t>& cand) {
+  uint32_t hi = 0;
+  for (int b = 30; b >= 16; --b) {
+    const uint32_t c = hi | (1u << b);
+    if (count_ge32(x, n, c) >= k) hi = c;
+  }
+  // keys in [hi, hi + 2^16) hold the k-th largest; `above` keys lie beyond them
+  const int64_t above = hi == 0x7fff0000u ? 0 : count_ge32(x, n, hi + 0x10000u);
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = x[i] & 0x7fffffffu;
+    cand[m] = key;
+    m += (key >> 16) == (hi >> 16);
+  }
+  const int64_t need = k - above;  // 1 <= need <= m
+  std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.begin() + m, std::greater<uint32_t>());
+  const uint32_t t = cand[need - 1];
+  const int64_t gt = t == 0x7fffffffu ? 0 : count_ge32(x, n, t + 1);
+  if (count_ge32(x, n, t) == k) {  // every key == t is kept: no tie to break
+    write_gt32(x, n, t - 1, keep, y);  // t >= 1 here: k < n keys are >= t
+    return;
+  }
+  write_gt32(x, n, t, keep, y);
+  take_ties<uint32_t>(x, n, 0x7fffffffu, t, k - gt, keep, y);
+}
+
+template <typename U>
+void select_rows(const at::Tensor& x, int64_t k, at::Tensor& keep, at::Tensor* y) {
+  const int64_t n = x.size(-1);
+  const int64_t rows = n ? x.numel() / n : 0;
+  const U* xp = reinterpret_cast<const U*>(x.data_ptr());
+  uint8_t* kp = keep.data_ptr<uint8_t>();
+  U* yp = y ? reinterpret_cast<U*>(y->data_ptr()) : nullptr;
+  // ~16k entries per task: enough work to pay for a thread hand-off
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> cand(sizeof(U) == 4 ? n : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      if constexpr (sizeof(U) == 4) {
+        select_row32(xp + r * n, n, k, kp + r * n, yp ? yp + r * n : nullptr, cand);
+      } else {
+        select_row16(xp + r * n, n, k, kp + r * n, yp ? yp + r * n : nullptr);
+      }
+    }
+  });
+}
+
+void check_input(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.device().is_cpu(), "sparse_lm_abstopk: CPU tensors only, got ", x.device());
+  TORCH_CHECK(x.is_contiguous(), "sparse_lm_abstopk: x must be contiguous");
+  TORCH_CHECK(x.dim() >= 1, "sparse_lm_abstopk: x needs at least one dimension");
+  TORCH_CHECK(0 < k && k < x.size(-1), "sparse_lm_abstopk: need 0 < k < width, got k=", k,
+              " width=", x.size(-1));
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+              "sparse_lm_abstopk: float32, bfloat16 or float16 only, got ", t);
+}
+
+void dispatch(const at::Tensor& x, int64_t k, at::Tensor& keep, at::Tensor* y) {
+  if (x.scalar_type() == at::kFloat) {
+    select_rows<uint32_t>(x, k, keep, y);
+  } else {
+    select_rows<uint16_t>(x, k, keep, y);
+  }
+}
+
+// (y, keep): y = x on the k largest |x| of every row (last dim), 0 elsewhere; keep the uint8 0/1 mask.
+std::tuple<at::Tensor, at::Tensor> abstopk(const at::Tensor& x, int64_t k) {
+  check_input(x, k);
+  at::Tensor keep = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  at::Tensor y = at::empty_like(x);
+  dispatch(x, k, keep, &y);
+  return {y, keep};
+}
+
+// keep only: the uint8 0/1 mask of the k largest |x| of every row.
+at::Tensor abstopk_mask(const at::Tensor& x, int64_t k) {
+  check_input(x, k);
+  at::Tensor keep = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  dispatch(x, k, keep, nullptr);
+  return keep;
+}
+
+template <typename U>
+void mask_rows(const at::Tensor& g, const at::Tensor& keep, at::Tensor& out) {
+  const U* gp = reinterpret_cast<const U*>(g.data_ptr());
+  const uint8_t* kp = keep.data_ptr<uint8_t>();
+  U* op = reinterpret_cast<U*>(out.data_ptr());
+  at::parallel_for(0, g.numel(), 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) op[i] = gp[i] & (U)(-(U)kp[i]);  // all ones or all zeros
+  });
+}
+
+// g where keep is 1, exactly +0 elsewhere (also where g is inf or nan): the backward of AbsTopK.
+at::Tensor mask_apply(const at::Tensor& g, const at::Tensor& keep) {
+  TORCH_CHECK(g.device().is_cpu() && keep.device().is_cpu(), "sparse_lm_abstopk: CPU tensors only");
+  TORCH_CHECK(g.sizes() == keep.sizes(), "sparse_lm_abstopk: grad ", g.sizes(), " and mask ", keep.sizes(),
+              " differ in shape");
+  TORCH_CHECK(keep.scalar_type() == at::kByte, "sparse_lm_abstopk: mask must be uint8");
+  at::Tensor gc = g.contiguous();
+  at::Tensor kc = keep.contiguous();
+  at::Tensor out = at::empty_like(gc);
+  const auto t = gc.scalar_type();
+  if (t == at::kFloat) {
+    mask_rows<uint32_t>(gc, kc, out);
+  } else if (t == at::kBFloat16 || t == at::kHalf) {
+    mask_rows<uint16_t>(gc, kc, out);
+  } else {
+    TORCH_CHECK(false, "sparse_lm_abstopk: float32, bfloat16 or float16 only, got ", t);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparse_lm_abstopk, m) {
+  m.def("abstopk(Tensor x, int k) -> (Tensor, Tensor)", &abstopk);
+  m.def("abstopk_mask(Tensor x, int k) -> Tensor", &abstopk_mask);
+  m.def("mask_apply(Tensor g, Tensor keep) -> Tensor", &mask_apply);
+}

@@ -1,0 +1,254 @@
+"""AbsTopK and the weight top-k mask: exact selection, gradients, autocast.
+
+Every selection path (the compiled C++ op, the pure-torch histogram, torch.topk
+on integer keys) must keep exactly the set torch.topk keeps, up to which of
+several equal |x| at the k-th value is kept; every check compares against a
+plain topk + scatter reference, and the fixture below runs each test on each path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_lm import topk as topk_impl
+from sparse_lm import sparsity as sp
+from sparse_lm.sites import abs_topk
+from sparse_lm.topk import _sparse_nonzero
+
+
+def reference_abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The textbook AbsTopK: autograd through topk + gather + scatter."""
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+
+
+def kept_values(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Sorted |x| of the kept entries of every row (-1 fills the rest): equal iff the sets match up to ties."""
+    a = x.detach().abs().double().reshape(-1, x.shape[-1])
+    return a.masked_fill(~kept.reshape(a.shape), -1).sort(-1).values
+
+
+def check_against_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    y = abs_topk(x, k)
+    # Exact zeros may be kept (a row with fewer than k nonzeros), so y != 0 does not show every
+    # kept entry; the gradient of sum(y) does: 1 exactly on the kept entries, 0 elsewhere.
+    xg = x.detach().clone().requires_grad_()
+    abs_topk(xg, k).sum().backward()
+    kept = xg.grad != 0
+    assert (kept.reshape(-1, x.shape[-1]).sum(-1) == k).all(), "not exactly k kept in every row"
+    assert torch.equal(y, torch.where(kept, x, torch.zeros_like(x))), "output is not x on the kept entries, 0 elsewhere"
+    ref = reference_abs_topk(x, k) != 0
+    ref = ref | ((x == 0) & kept)  # the reference output cannot show which zeros it kept
+    assert torch.equal(kept_values(x, kept), kept_values(x, ref)), "kept set differs from torch.topk's beyond ties"
+    return kept
+
+
+def inputs(dist: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(shape, generator=gen)
+    if dist == "zeros":  # most entries exactly zero: many rows have fewer than k nonzeros
+        x = x * (torch.rand(shape, generator=gen) < 0.15)
+    elif dist == "ties":  # a handful of values: ties at the k-th |x| in nearly every row
+        x = torch.randint(-3, 4, shape, generator=gen).float()
+    elif dist == "heavy":  # heavy tails and very different row scales
+        x = x ** 3 * torch.exp(3 * torch.randn(shape[:-1] + (1,), generator=gen))
+    elif dist == "close":  # values within a few ulps of each other
+        x = 1 + 1e-6 * x
+    elif dist == "zero_rows":
+        x[..., ::3, :] = 0
+    return x.to(dtype)
+
+
+DISTS = ["gauss", "zeros", "ties", "heavy", "close", "zero_rows"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dist", DISTS)
+def test_keeps_exactly_the_k_largest_abs_like_topk(dtype, dist):
+    gen = torch.Generator().manual_seed(0)
+    for n in (7, 64, 256, 1024):
+        for k in sorted({1, n // 4, n - 1} - {0}):
+            check_against_reference(inputs(dist, (3, 40, n), dtype, gen), k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_sized_inputs(dtype):
+    """Activation-sized batches (thousands of rows) go through the bucketed path, including its ranking."""
+    gen = torch.Generator().manual_seed(1)
+    for dist in ("gauss", "heavy", "ties"):
+        check_against_reference(inputs(dist, (8, 256, 256), dtype, gen), 64)
+        check_against_reference(torch.nn.functional.gelu(inputs(dist, (4, 256, 1024), dtype, gen)), 256)
+
+
+
+@pytest.fixture(autouse=True, params=["cpp", "histogram", "torch.topk"])
+def selection_path(request, monkeypatch):
+    """Run every test through every exact selection (narrow rows normally skip the histogram)."""
+    monkeypatch.setenv(topk_impl.PATH_ENV, {"cpp": "cpp", "histogram": "histogram", "torch.topk": "torch"}[request.param])
+    monkeypatch.setattr(topk_impl, "_MIN_HISTOGRAM_WIDTH", 0 if request.param == "histogram" else 1 << 30)
+    return request.param
+
+
+def test_ties_at_the_kth_value_go_to_the_lowest_index(selection_path):
+    if selection_path == "torch.topk":
+        pytest.skip("torch.topk keeps whichever tied entries it returns")
+    gen = torch.Generator().manual_seed(0)
+    k, rows = 256, 64
+    x = 1 + 0.4 * torch.rand(rows, 1024, generator=gen)  # below the tie
+    perm = torch.stack([torch.randperm(1024, generator=gen) for _ in range(rows)])
+    tied, above = perm[:, :3].sort(1).values, perm[:, 3:k + 2]
+    x.scatter_(1, above, 1.6 + 0.3 * torch.rand(rows, k - 1, generator=gen))  # k - 1 entries above 1.5
+    x.scatter_(1, tied, 1.5)  # the k-th largest, three times in every row
+    x = x * torch.where(torch.rand(rows, 1024, generator=gen) < 0.5, -1.0, 1.0)
+    kept = abs_topk(x, k) != 0
+    assert kept.gather(1, above).all()
+    assert torch.equal(kept.gather(1, tied), torch.tensor([[True, False, False]]).expand(rows, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_same_mask_and_grads_as_pure_torch(dtype, selection_path):
+    """On data without ties every path keeps exactly torch.topk's entries, forward and backward."""
+    gen = torch.Generator().manual_seed(3)
+    for rows, n, k in ((4096, 256, 64), (512, 1024, 256), (64, 96, 24), (33, 5, 1), (33, 5, 4)):
+        # distinct magnitudes in every row (a permutation), random signs, then the dtype: exact in
+        # all three for n <= 256 (bf16 has 8 significant bits), so scale into distinct binades beyond
+        mag = torch.stack([torch.randperm(n, generator=gen) for _ in range(rows)]).float() + 1
+        if n > 256:
+            mag = torch.pow(2.0, mag // 128) * (128 + mag % 128)
+        x = (mag * torch.where(torch.rand(rows, n, generator=gen) < 0.5, -1.0, 1.0)).to(dtype)
+        assert torch.equal(x.abs().float().sort(-1).values.diff(dim=-1) > 0, torch.ones(rows, n - 1, dtype=torch.bool))
+        ref = torch.zeros(rows, n, dtype=torch.bool).scatter_(1, x.float().abs().topk(k, -1).indices, True)
+        xg = x.clone().requires_grad_()
+        y = abs_topk(xg, k)
+        g = torch.randn(rows, n, generator=gen).to(dtype)
+        y.backward(g)
+        assert torch.equal(y, torch.where(ref, x, torch.zeros_like(x)))
+        assert torch.equal(xg.grad, torch.where(ref, g, torch.zeros_like(g)))
+
+
+def test_cpp_build_failure_falls_back_once(monkeypatch, tmp_path):
+    """No compiler or no source: 'auto' warns once and uses pure torch; 'cpp' says what to do."""
+    monkeypatch.setattr(topk_impl, "_cpp_state", {})
+    monkeypatch.setattr(topk_impl, "_CPP_SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setenv(topk_impl.PATH_ENV, "auto")
+    x = torch.randn(64, 256)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        check_against_reference(x, 64)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        check_against_reference(x, 16)
+    monkeypatch.setenv(topk_impl.PATH_ENV, "cpp")
+    with pytest.raises(RuntimeError, match="SPARSE_LM_ABSTOPK=histogram"):
+        abs_topk(x, 64)
+    monkeypatch.setenv(topk_impl.PATH_ENV, "fast")
+    with pytest.raises(ValueError, match="choose one of"):
+        abs_topk(x, 64)
+
+
+def test_non_finite_and_degenerate_inputs():
+    x = torch.randn(4, 32)
+    x[0, 3], x[1, 5], x[2], x[3, :10] = float("inf"), float("nan"), 0.0, -float("inf")
+    y = abs_topk(x, 8)
+    assert y[0, 3] == float("inf") and torch.isnan(y[1, 5])  # inf and nan rank above every finite |x|
+    assert int(torch.isnan(y).sum()) == 1 and int((y[3] == -float("inf")).sum()) == 8  # dropped infs are 0
+    assert abs_topk(x, 32) is x and not abs_topk(x, 0).any()
+    xg = x.clone().requires_grad_()
+    g = torch.full_like(x, float("nan"))
+    abs_topk(xg, 8).backward(g)
+    assert int(torch.isnan(xg.grad).sum()) == 4 * 8 and not (xg.grad[~torch.isnan(xg.grad)] != 0).any()
+    check_against_reference(torch.zeros(16, 64), 5)
+    check_against_reference(torch.full((16, 64), 1e-40), 5)  # subnormal maxima: the scale overflows
+
+
+def test_integer_bucket_offsets(monkeypatch):
+    """Past 2**24 buckets in all (about 65k rows) row offsets are added in int64 instead of float32."""
+    monkeypatch.setattr(topk_impl, "_FLOAT_OFFSETS_LIMIT", 0)
+    gen = torch.Generator().manual_seed(2)
+    for dist in ("gauss", "ties"):
+        check_against_reference(inputs(dist, (4, 100, 256), torch.float32, gen), 64)
+
+
+def test_non_contiguous_input():
+    """q, k and v reach their sites as views of one projection."""
+    qkv = torch.randn(2, 128, 3 * 256)
+    for part in qkv.split(256, dim=2):
+        check_against_reference(part, 64)
+    check_against_reference(torch.randn(256, 300).t(), 16)
+
+
+def test_gradient_flows_only_through_kept_entries():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 256, requires_grad=True)  # continuous values: no ties, one right answer
+    g = torch.randn(4, 64, 256)
+    abs_topk(x, 64).backward(g)
+    xr = x.detach().clone().requires_grad_()
+    reference_abs_topk(xr, 64).backward(g)
+    assert torch.equal(x.grad, xr.grad)
+    assert torch.equal(x.grad != 0, abs_topk(x, 64) != 0)
+
+
+def test_gradcheck():
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: abs_topk(t, 4), (x,))
+
+
+def test_under_bf16_autocast_on_cpu():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 256)
+    x = torch.randn(8, 32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lin(x)
+        y = abs_topk(h, 64)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    assert ((y != 0).sum(-1) == 64).all()
+    assert torch.equal(kept_values(h, y != 0), kept_values(h, reference_abs_topk(h, 64) != 0))
+    y.float().pow(2).sum().backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+def test_sparse_nonzero_finds_every_one():
+    gen = torch.Generator().manual_seed(0)
+    for n, p in ((8, 1.0), (64, 0.0), (4096, 0.01), (4096, 0.5), (13, 0.3)):
+        m = (torch.rand(n, generator=gen) < p).to(torch.uint8)
+        assert torch.equal(_sparse_nonzero(m).sort().values, m.nonzero().squeeze(1))
+
+
+# -- the weight L0 projection -----------------------------------------------------------
+
+
+def reference_topk_mask(w: torch.Tensor, k: int, fan_dims=(), min_fan: int = 0) -> torch.Tensor:
+    """Force the top min_fan of every slice (torch.topk), then the k largest |w| overall."""
+    score = w.abs().float()
+    forced = torch.zeros_like(score, dtype=torch.bool)
+    for dim in fan_dims if min_fan else ():
+        forced.scatter_(dim, score.topk(min(min_fan, score.shape[dim]), dim=dim).indices, True)
+    score = score.masked_fill(forced, float("inf"))
+    k = max(k, int(forced.sum()))
+    return torch.zeros(score.numel(), dtype=torch.bool).scatter_(0, score.view(-1).topk(k).indices, True).view_as(w)
+
+
+@pytest.mark.parametrize("fan_dims", [[], [0], [1], [0, 1]])
+@pytest.mark.parametrize("dist", ["gauss", "ties", "zeros"])
+def test_topk_mask_keeps_exactly_k_after_forcing(fan_dims, dist):
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols in ((4, 10), (64, 16), (48, 200)):
+        w = inputs(dist, (rows, cols), torch.float32, gen)
+        for min_fan in (0, 1, 3):
+            for k in (1, rows * cols // 16, rows * cols // 2, rows * cols):
+                mask = sp.topk_mask(w, k, fan_dims, min_fan)
+                ref = reference_topk_mask(w, k, fan_dims, min_fan)
+                assert mask.dtype == torch.bool and mask.shape == w.shape
+                assert int(mask.sum()) == int(ref.sum())  # k, or every forced entry when they are more
+                for dim in fan_dims if min_fan else ():
+                    assert (mask.sum(dim) >= min(min_fan, w.shape[dim])).all()
+                if not (fan_dims and min_fan):
+                    assert torch.equal(kept_values(w.view(1, -1), mask.view(1, -1)),
+                                       kept_values(w.view(1, -1), ref.view(1, -1)))
+
+
+def test_topk_mask_bf16_weights():
+    w = torch.randn(64, 32).bfloat16()
+    mask = sp.topk_mask(w, 200, [1], 2)
+    assert int(mask.sum()) == 200 and (mask.sum(1) >= 2).all()
