@@ -1,15 +1,20 @@
-"""Seconds per pruning run and per CARBS suggestion, at the `tiny` and `paper-1x` shapes.
+"""Seconds per mask step, per mean-activation pass, per pruning run and per CARBS suggestion.
 
-    .venv/bin/python benchmarks/prune.py [--shapes tiny paper-1x] [--steps 100] [--json out.json]
+    .venv/bin/python benchmarks/prune.py [--shapes tiny] [--precisions fp32 bf16 bf16-autocast]
+                                         [--full --steps 100] [--tokenizer DIR] [--json out.json]
 
-Models are SparseGPTs of the preset shapes with random weights (the cost of a
-pruning run depends on the shape, not on what the model learned), pruned on
-`single_double_quote` toward a target relative to the model's own loss, so
-the whole search (mask training, bisection, calibration, verification)
-runs. The tokenizer is a BPE 2048 trained on the standard library (~5 s).
-Phases are timed separately: means (cached after the first run), mask
-training, the rest. CARBS suggestions are timed with 30 observations in the
-sweep's 6-D search space.
+Models are SparseGPTs of the preset shapes with random weights, each block
+matrix cut to the preset's kept fraction (the cost of a pruning run depends on
+the shape, not on what the model learned). The mask step is the pruner's: a
+minibatch of `single_double_quote` prompts (batch 64, ~80 tokens) forward with
+every node site hooked, the task loss, backward to the mask logits; it is
+timed for every precision in the same process, interleaved, so the ratios hold
+on a shared machine (the load average is printed before and after). The mean
+activation pass is timed over 64 blocks of 256 tokens. With --full the whole
+search runs too (mask training, bisection, calibration, faithfulness curves,
+verification), and CARBS suggestions are timed with 30 observations in the
+sweep's 6-D search space. The tokenizer is a BPE 2048 trained on the standard
+library (~5 s on an idle machine), or the one in --tokenizer DIR.
 """
 
 from __future__ import annotations
@@ -28,8 +33,88 @@ import numpy as np
 import torch
 
 
+def sparse_model(shape: str, tok):
+    """A SparseGPT of the preset `shape`, random weights, each block matrix at the preset's kept fraction."""
+    from sparse_lm import config as configlib
+    from sparse_lm.jobs import PretrainConfig, build_model
+
+    cfg = configlib.resolve(PretrainConfig, "pretrain", shape)
+    torch.manual_seed(0)
+    model = build_model(cfg, "pretrain", len(tok), tok).eval()
+    with torch.no_grad():
+        for name, p in model.weight_matrices().items():
+            if name.startswith("transformer.h."):
+                k = max(1, int(p.numel() * cfg.sparsity.target_fraction))
+                flat = p.view(-1)
+                keep = torch.zeros_like(flat, dtype=torch.bool)
+                keep[flat.abs().topk(k).indices] = True
+                flat.mul_(keep)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def bench_mask_step(shape: str, tok, precisions: list[str], batch: int = 64, repeats: int = 3,
+                    rounds: int = 2) -> dict:
+    """ms per mask step for each precision (best of `rounds` interleaved rounds of `repeats` steps)."""
+    from pruning.config import PruneConfig
+    from pruning.forward import batch_margins, load_task_data, precision_context, task_loss
+    from pruning.graph import NodeIndex
+    from pruning.pruner import Ablation, heaviside_ste
+
+    model = sparse_model(shape, tok)
+    cfg = PruneConfig(n_train=batch, n_val=8, n_test=8)
+    data = load_task_data(tok, cfg, max_length=model.config.block_size)
+    index = NodeIndex.build(model, cfg.node_sites)
+    ablation = Ablation(model, index, torch.zeros(index.total))
+    tau = torch.full((index.total,), 0.1, requires_grad=True)
+    mb = data.train.select(torch.arange(min(batch, len(data.train))))
+
+    def step() -> torch.Tensor:
+        mask = heaviside_ste(tau, 1.0)
+        ablation.set(mask)
+        margin = batch_margins(model, mb, chunk_tokens=cfg.chunk_tokens)[0]
+        (task_loss(margin, mb.family) + 1e-3 * mask.sum()).backward()
+        grad, tau.grad = tau.grad, None
+        return grad
+
+    times: dict[str, list[float]] = {p: [] for p in precisions}
+    grads: dict[str, torch.Tensor] = {}
+    with ablation.installed(torch.ones(index.total), all_sites=True):
+        for _ in range(rounds):
+            for precision in precisions:
+                with precision_context(precision, "cpu", model):
+                    grads[precision] = step()  # warm-up (and the gradient compared below)
+                    t0 = time.perf_counter()
+                    for _ in range(repeats):
+                        step()
+                    times[precision].append(1000 * (time.perf_counter() - t0) / repeats)
+    ms = {p: min(v) for p, v in times.items()}
+    base = precisions[0]
+    cos = {p: float(torch.nn.functional.cosine_similarity(grads[p], grads[base], dim=0)) for p in precisions}
+    return {"shape": shape, "batch": len(mb), "mean_prompt_tokens": float(mb.lengths.float().mean()),
+            "ms_per_mask_step": ms, "speedup_vs_" + base: {p: ms[base] / ms[p] for p in precisions},
+            "mask_grad_cosine_vs_" + base: cos}
+
+
+def bench_means(shape: str, tok, n_blocks: int = 64, block_len: int = 256) -> dict:
+    """Seconds of the mean-activation pass (every node site, `n_blocks` x `block_len` tokens)."""
+    from pruning.config import PruneConfig
+    from pruning.graph import NodeIndex
+    from pruning.means import compute_means
+
+    model = sparse_model(shape, tok)
+    index = NodeIndex.build(model, PruneConfig().node_sites)
+    blocks = torch.randint(0, len(tok), (n_blocks, min(block_len, model.config.block_size)),
+                           generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    compute_means(model, index.names, blocks)
+    return {"shape": shape, "blocks": n_blocks, "block_len": blocks.shape[1], "means_s": time.perf_counter() - t0}
+
+
 def bench_prune(shape: str, steps: int, tok, workdir: str) -> dict:
     from pruning.config import PruneConfig
+    from pruning import pruner
     from pruning.pruner import prune
     from sparse_lm import config as configlib
     from sparse_lm.jobs import PretrainConfig
@@ -43,10 +128,17 @@ def bench_prune(shape: str, steps: int, tok, workdir: str) -> dict:
     pc = configlib.from_dict(PruneConfig, {"task": "single_double_quote", "steps": steps, "relative_margin": 0.05})
     times = []
     circuit = None
-    for _ in range(2):  # the first run also computes the means; the second finds them cached
-        t0 = time.perf_counter()
-        circuit = prune(model, tok, pc, progress=False, fallback_dir=workdir)
-        times.append(time.perf_counter() - t0)
+    # A random model does not solve the task, and prune stops there; for timing, let it search anyway.
+    check = pruner._check_full_model
+    lenient = lambda s: None if (r := check(s)) and r.startswith("the model does not solve") else r  # noqa: E731
+    pruner._check_full_model = lenient
+    try:
+        for _ in range(2):  # the first run also computes the means; the second finds them cached
+            t0 = time.perf_counter()
+            circuit = prune(model, tok, pc, progress=False, fallback_dir=workdir)
+            times.append(time.perf_counter() - t0)
+    finally:
+        pruner._check_full_model = check
     secs = circuit.search.get("seconds", {})
     return {"shape": shape, "steps": steps, "first_run_s": times[0], "cached_run_s": times[1],
             "per_mask_step_ms": 1000 * secs.get("optimise", float("nan")) / steps, "phases_s": secs,
@@ -74,29 +166,56 @@ def bench_carbs(n_obs: int = 30, repeats: int = 10) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=["tiny", "paper-1x"])
-    ap.add_argument("--steps", type=int, default=100, help="mask-training steps per run (default config: 400)")
+    ap.add_argument("--shapes", nargs="+", default=["tiny"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "bf16-autocast"],
+                    help="mask-step precisions, the first is the baseline of the ratios")
+    ap.add_argument("--full", action="store_true", help="also whole pruning runs and CARBS suggestions")
+    ap.add_argument("--steps", type=int, default=100, help="mask-training steps per --full run (default config: 200)")
+    ap.add_argument("--tokenizer", default=None, help="a saved tokenizer folder instead of training one")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from sparse_lm.corpus import load_corpus
-    from sparse_lm.tokenizer import train_tokenizer
+    if args.tokenizer:
+        from transformers import AutoTokenizer
 
-    tok = train_tokenizer(load_corpus("stdlib"), vocab_size=2048)
-    rows = []
-    with tempfile.TemporaryDirectory() as work:
-        for shape in args.shapes:
-            rows.append(bench_prune(shape, args.steps, tok, work))
-            print(json.dumps(rows[-1]), flush=True)
-    carbs = bench_carbs()
-    print("\n| shape | mask steps | first run (s) | cached run (s) | ms per mask step |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['steps']} | {r['first_run_s']:.1f} | {r['cached_run_s']:.1f} | "
-              f"{r['per_mask_step_ms']:.0f} |")
-    print(f"\nCARBS: {1000 * carbs['suggest_s_median']:.0f} ms per suggestion with {carbs['observations']} observations")
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        from sparse_lm.corpus import load_corpus
+        from sparse_lm.tokenizer import train_tokenizer
+
+        tok = train_tokenizer(load_corpus("stdlib"), vocab_size=2048)
+    out: dict = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()}
+    out["mask_step"] = [bench_mask_step(shape, tok, args.precisions) for shape in args.shapes]
+    out["means"] = [bench_means(shape, tok) for shape in args.shapes]
+    out["load_after"] = os.getloadavg()
+    print(json.dumps(out, indent=1), flush=True)
+    print(f"\nload average before {out['load_before'][0]:.1f}, after {out['load_after'][0]:.1f} "
+          f"({os.cpu_count()} cores, {out['threads']} threads)")
+    print("\n| shape | " + " | ".join(f"{p} ms/step" for p in args.precisions) + " | " +
+          " | ".join(f"{p} speedup" for p in args.precisions[1:]) + " | means (s) |")
+    print("|---" * (2 * len(args.precisions) + 1) + "|")
+    for r, m in zip(out["mask_step"], out["means"]):
+        base = args.precisions[0]
+        print(f"| {r['shape']} | " + " | ".join(f"{r['ms_per_mask_step'][p]:.0f}" for p in args.precisions) + " | "
+              + " | ".join(f"{r['speedup_vs_' + base][p]:.2f}x" for p in args.precisions[1:])
+              + f" | {m['means_s']:.1f} |")
+    if args.full:
+        rows = []
+        with tempfile.TemporaryDirectory() as work:
+            for shape in args.shapes:
+                rows.append(bench_prune(shape, args.steps, tok, work))
+                print(json.dumps(rows[-1]), flush=True)
+        carbs = bench_carbs()
+        out.update(prune=rows, carbs=carbs)
+        print("\n| shape | mask steps | first run (s) | cached run (s) | ms per mask step |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['shape']} | {r['steps']} | {r['first_run_s']:.1f} | {r['cached_run_s']:.1f} | "
+                  f"{r['per_mask_step_ms']:.0f} |")
+        print(f"\nCARBS: {1000 * carbs['suggest_s_median']:.0f} ms per suggestion with {carbs['observations']} "
+              "observations")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"prune": rows, "carbs": carbs}, f, indent=2)
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

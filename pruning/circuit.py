@@ -33,12 +33,15 @@
                                      # even when the list is capped
       "num_edges_all_links": int,    # weights + residual write->read links + q-k pairs (the pre-issue-14 count)
       "edges_by_type": {type: int},  # every edge type, zeros included
-      "metrics": {                   # test split; each {"loss": nats, "accuracy": share}
+      "metrics": {                   # each {"loss": nats, "accuracy": share}; test split unless *_val
         "full_model": ..., "circuit": ..., "circuit_calibrated": ...,
         "circuit_ablated": ...,      # the circuit's own nodes mean-ablated, everything else intact
-        "all_ablated": ...},         # every candidate node mean-ablated
+        "all_ablated": ...,          # every candidate node mean-ablated
+        "full_model_val": ..., "circuit_val": ..., "circuit_calibrated_val": ...},   # validation split:
+                                     # what the bisection chose on (raw) and what a sweep may choose on
       "verification": {
-        "keeps_target": bool,        # circuit test loss <= target_loss
+        "keeps_target": bool,        # circuit test loss <= target_loss (raw, uncalibrated, as bisected)
+        "keeps_target_val": bool,    # the same on validation (true by construction of the bisection)
         "destroys_task": bool,       # circuit_ablated loss >= ln 2 (chance) or accuracy <= 0.6
         "note": str},
       "calibration": {"scale": a, "shift": b},   # d' = a * d + b on d = logit(c0) - logit(c1)
@@ -50,6 +53,12 @@
                              "snippets", "total"},
                  "means_source": str, "fast_head": bool,
                  "warning": str},            # only when the result looks untrustworthy
+      "faithfulness": {              # test split; empty when faithfulness_points is 0 or the search failed
+        "split": "test", "metric": str,
+        "curve": [[nodes, task_loss, faithfulness], ...],   # the circuit's own node order, by node budget
+        "cpr": float, "cmd": float,  # MIB's areas under f and under |1 - f| over nodes / total_nodes
+        "by_order": {"learned" | "attribution": {"curve", "cpr", "cmd"}}},   # learned runs: both orders
+      "model_fingerprint": str,      # sparse_lm.loading.model_fingerprint of the pruned model (16 hex)
       "hyperparameters": {...},      # the resolved PruneConfig
       "completions": [c0, c1],       # the two completions (family 0, family 1)
       "target_tokens": [t0, t1],     # their tokens as the tokenizer spells them
@@ -139,6 +148,8 @@ class Circuit:
     verification: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, float] = field(default_factory=lambda: {"scale": 1.0, "shift": 0.0})
     search: dict[str, Any] = field(default_factory=dict)
+    faithfulness: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: str = ""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     completions: list[str] = field(default_factory=list)
     target_tokens: list[str] = field(default_factory=list)
@@ -185,7 +196,8 @@ class Circuit:
         order = ["format", "model", "model_type", "task", "method", "target_loss", "n_layer", "node_sites",
                  "total_nodes", "nodes", "edges", "num_nodes", "num_edges", "num_edges_all_links", "edges_by_type",
                  "metrics", "verification", "calibration",
-                 "search", "hyperparameters", "completions", "target_tokens", "failed", "reason"]
+                 "search", "faithfulness", "model_fingerprint", "hyperparameters", "completions", "target_tokens",
+                 "failed", "reason"]
         return {k: d[k] for k in order}
 
     def dumps(self) -> str:

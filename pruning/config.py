@@ -34,9 +34,13 @@ class PruneConfig:
         "(activation - mean) scores (baseline)"
     )
     target_loss: float = field(0.15, "task loss (nats) the circuit must reach on the validation split (paper: 0.15)")
+    min_accuracy: float = field(
+        0.6, "the unpruned model's validation accuracy below which it counts as not solving the task and no circuit "
+        "is searched (a model near chance, e.g. the random-weights control; 0: prune any model)"
+    )
     relative_margin: float | None = field(
-        None, "when set, the target is the unpruned model's own task loss (the larger of its test and validation "
-        "loss) + this margin (overrides target_loss)"
+        None, "when set, the target is the unpruned model's own task loss on the validation split + this margin "
+        "(overrides target_loss)"
     )
     node_sites: list[str] = field(
         DEFAULT_NODE_KINDS,
@@ -59,6 +63,11 @@ class PruneConfig:
     heaviside_temp: float = field(1.0, "temperature T of the surrogate gradient d/dtau sigmoid(tau / T)")
     init_value: float = field(0.1, "initial tau of every node (> 0: every node starts open)")
     init_noise: float = field(0.01, "standard deviation of the Gaussian noise added to the initial tau")
+    precision: Literal["fp32", "bf16", "bf16-autocast"] = field(
+        "bf16", "how the pruner's forward and backward passes compute: bf16 runs the model's linear layers in "
+        "bfloat16 (weights cast once; AMX on recent CPUs) and everything else (attention, masks, margins, losses) "
+        "in float32; bf16-autocast is torch.autocast (attention in bf16 too: slower on CPU); fp32 for exact float32"
+    )
     # -- data --
     n_train: int = field(1024, "train-split examples (minibatches for the masks, calibration, attribution)")
     n_val: int = field(256, "validation-split examples (the bisection on the node count)")
@@ -67,6 +76,10 @@ class PruneConfig:
     seed: int = field(0, "seed of tau's initial noise and the minibatch order")
     # -- the circuit --
     calibrate_steps: int = field(20, "LBFGS steps fitting the scale and shift of the logit difference (0: none)")
+    faithfulness_points: int = field(
+        12, "log-spaced node budgets of the faithfulness curves in circuit.json (test split; each costs one "
+        "evaluation per node order; 0: no curves)"
+    )
     snippets: int = field(5, "top-activating corpus snippets stored per circuit node (0: none)")
     snippet_tokens: int = field(40, "tokens per snippet, around the maximal position")
     max_listed_edges: int = field(100000, "edges listed in circuit.json (all are counted)")
@@ -82,11 +95,15 @@ class PruneConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
-        for key in ("calibrate_steps", "snippets", "max_listed_edges", "collapse_retries"):
+        if self.precision not in ("fp32", "bf16", "bf16-autocast"):
+            raise ConfigError(f"precision must be 'fp32', 'bf16' or 'bf16-autocast', got {self.precision!r}")
+        for key in ("calibrate_steps", "snippets", "max_listed_edges", "collapse_retries", "faithfulness_points"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not (self.target_loss > 0 and math.isfinite(self.target_loss)):
             raise ConfigError(f"target_loss must be a positive number of nats, got {self.target_loss}")
+        if not 0 <= self.min_accuracy <= 1:
+            raise ConfigError(f"min_accuracy must be in [0, 1], got {self.min_accuracy}")
         if self.relative_margin is not None and self.relative_margin < 0:
             raise ConfigError(f"relative_margin must be >= 0, got {self.relative_margin}")
         for key in ("lr", "heaviside_temp"):

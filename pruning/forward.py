@@ -8,7 +8,12 @@ Speed: a task needs the logits of one position per prompt, so the forward
 pass stops at the ``final_resid`` site and only the last positions are
 unembedded (the architecture's fast head, `sparse_lm.arch`; checked against
 the full forward pass by `fast_head_ok` before use), and examples are grouped
-by length so little padding is computed.
+by length so little padding is computed. With ``precision="bf16-autocast"``
+the matrix products run in bfloat16 (AMX on recent CPUs, tensor cores on a
+GPU) while margins, losses and every mask stay float32 (`precision_context`).
+
+The task loss of a batch of margins is computed in one place, `task_loss`,
+so an objective other than the binary one can be swapped in there.
 
     data = load_task_data(tokenizer, cfg, max_length=context_length(model))
     margin, _ = evaluate(model, data.test)
@@ -17,8 +22,10 @@ by length so little padding is computed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +36,25 @@ from pruning.config import PruneConfig
 from sparse_lm.adapters import sites_of
 from sparse_lm.arch import ARCHS
 from tasks.contract import encode_plain, resolve_task
-from tasks.loss import TaskBatch, encode_examples, family_mean, length_chunks, margins, task_logits_last
+from tasks.loss import (
+    TaskBatch,
+    encode_examples,
+    family_mean,
+    length_chunks,
+    margins,
+    task_logits_last,
+)
 from tasks.registry import get_task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["PruneError", "TaskData", "load_task_data", "last_logits", "fast_head_ok", "device_chunks",
-           "batch_margins", "evaluate", "loss_and_accuracy", "orientation"]
+           "batch_margins", "evaluate", "task_loss", "loss_and_accuracy", "orientation", "precision_context",
+           "PRECISIONS"]
+
+# How the forward and backward passes of pruning compute (`PruneConfig.precision`).
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 
 
 class PruneError(ValueError):
@@ -162,9 +180,60 @@ def evaluate(model: nn.Module, batch: TaskBatch, *, chunk_tokens: int = 8192, fa
     return batch_margins(model, batch, chunk_tokens=chunk_tokens, fast=fast, record=record)
 
 
+def precision_context(precision: str, device: torch.device | str, model: nn.Module | None = None) -> ContextManager:
+    """The region in which `model` computes at `precision` (a no-op for fp32).
+
+    ``bf16``: every ``nn.Linear`` of the (frozen) model multiplies in bfloat16 with a bf16
+    copy of its weights made once on entry, and returns float32; attention, norms, AbsTopK,
+    the mask arithmetic, margins and losses stay float32. This beats autocast on CPUs: the
+    weights are not cast again at every call, and autocast also runs attention in bf16,
+    whose backward pass is several times slower than float32's on CPU.
+    ``bf16-autocast``: torch.autocast (every listed op in bf16, attention included).
+    """
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16-autocast":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    if precision == "bf16":
+        if model is None:
+            raise ValueError("precision bf16 needs the model whose linear layers it converts")
+        return _bf16_linears(model)
+    raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+@contextmanager
+def _bf16_linears(model: nn.Module) -> Iterator[None]:
+    """Each nn.Linear of `model` computes in bf16 (weights cast once, frozen) and returns float32."""
+    if any(p.requires_grad for p in model.parameters()):
+        raise ValueError("precision bf16 casts the weights once: freeze the model first (pruning.pruner.frozen)")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in vars(m)]
+
+    def bf16_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), w, b).float()
+
+    try:
+        for lin in linears:
+            w = lin.weight.detach().to(torch.bfloat16)
+            b = None if lin.bias is None else lin.bias.detach().to(torch.bfloat16)
+            lin.forward = lambda x, w=w, b=b: bf16_forward(x, w, b)  # an instance attribute shadows the method
+        yield
+    finally:
+        for lin in linears:
+            vars(lin).pop("forward", None)
+
+
+def task_loss(margin: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
+    """The task loss of target-minus-distractor margins (B,): family-averaged softplus(-margin), differentiable.
+
+    The one place the pruner's objective is defined: mask training, the bisection, the
+    calibration fit and every reported loss go through it.
+    """
+    return family_mean(F.softplus(-margin), family)
+
+
 def loss_and_accuracy(margin: torch.Tensor, family: torch.Tensor) -> dict[str, float]:
     """Family-averaged task loss (nats) and accuracy of target-minus-distractor margins."""
-    loss = family_mean(F.softplus(-margin.double()), family)
+    loss = task_loss(margin.double(), family)
     acc = family_mean((margin > 0).double(), family)
     return _metric(loss.item(), acc.item())
 

@@ -194,6 +194,8 @@ def _metrics_table(c: dict) -> str:
         ("full_model", "full model", "the unpruned model"),
         ("circuit", "circuit", "only circuit nodes open, the rest mean-ablated"),
         ("circuit_calibrated", "circuit, calibrated", "circuit logits rescaled (see calibration)"),
+        ("circuit_val", "circuit (validation)", "the circuit on the validation split, where its size was chosen"),
+        ("circuit_calibrated_val", "calibrated (validation)", "the calibrated circuit on the validation split"),
         ("circuit_ablated", "circuit ablated", "circuit nodes mean-ablated, the rest open"),
         ("all_ablated", "all ablated", "every node mean-ablated"),
     ]
@@ -246,6 +248,51 @@ def _chart(title: str, points: list, hline: float | None = None, hline_label: st
             f'{ref}<polyline points="{line}"/><g class="dots">{dots}</g></svg></figure>')
 
 
+_SERIES_COLOURS = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1")
+
+
+def _faithfulness_chart(c: dict) -> str:
+    """Faithfulness against node budget (log scale) for every node order in ``faithfulness.by_order``."""
+    faith = c.get("faithfulness") or {}
+    by_order = faith.get("by_order") or ({c.get("method", "circuit"): faith} if faith.get("curve") else {})
+    series = {}
+    for name, entry in by_order.items():
+        pts = [(float(p[0]), float(p[2])) for p in (entry or {}).get("curve") or []
+               if len(p) >= 3 and p[0] is not None and p[2] is not None]
+        if pts:
+            series[str(name)] = (pts, (entry or {}).get("cpr"), (entry or {}).get("cmd"))
+    if not series:
+        return ""
+    w, h, pad = 300, 130, 44
+    lx = lambda n: math.log10(n + 1)  # noqa: E731  (budgets are log-spaced; 0 nodes sits at the left edge)
+    xs = [lx(x) for pts, _, _ in series.values() for x, _ in pts]
+    ys = [y for pts, _, _ in series.values() for _, y in pts] + [0.0, 1.0]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = lambda v: pad + (w - pad - 8) * ((lx(v) - x0) / (x1 - x0) if x1 > x0 else 0.5)  # noqa: E731
+    sy = lambda v: h - 18 - (h - 30) * ((v - y0) / (y1 - y0) if y1 > y0 else 0.5)  # noqa: E731
+    lines, legend = [], []
+    for i, (name, (pts, cpr, cmd)) in enumerate(series.items()):
+        colour = _SERIES_COLOURS[i % len(_SERIES_COLOURS)]
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        lines.append(f'<polyline style="stroke:{colour}" points="{line}"/>')
+        legend.append(f'<span style="color:{colour}">■</span> {escape(name)}: CPR {_num(cpr, 3)}, CMD {_num(cmd, 3)}')
+    refs = "".join(f'<line class="ref" x1="{pad}" x2="{w - 8}" y1="{sy(v):.1f}" y2="{sy(v):.1f}"/>' for v in (0.0, 1.0))
+    count = c.get("num_nodes")
+    mark = (f'<line class="axis" x1="{sx(count):.1f}" x2="{sx(count):.1f}" y1="8" y2="{h - 18}"/>'
+            if isinstance(count, int) and not c.get("failed") else "")
+    split = escape(str(faith.get("split", "test")))
+    return (f'<figure class="chart faithfulness"><figcaption>faithfulness by node budget ({split} split; '
+            f'1 = the model, 0 = every node ablated; grey line: this circuit)</figcaption>'
+            f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}">'
+            f'<line class="axis" x1="{pad}" y1="{h - 18}" x2="{w - 8}" y2="{h - 18}"/>'
+            f'<line class="axis" x1="{pad}" y1="8" x2="{pad}" y2="{h - 18}"/>{refs}{mark}'
+            f'<text x="{pad - 3}" y="{sy(y1) + 4:.1f}" text-anchor="end">{_tick(y1)}</text>'
+            f'<text x="{pad - 3}" y="{sy(y0) + 4:.1f}" text-anchor="end">{_tick(y0)}</text>'
+            f'<text x="{pad}" y="{h - 4}">{_tick(10 ** x0 - 1)}</text>'
+            f'<text x="{w - 8}" y="{h - 4}" text-anchor="end">{_tick(round(10 ** x1 - 1))} nodes (log)</text>'
+            f'{"".join(lines)}</svg><div class="legend-small">{"<br>".join(legend)}</div></figure>')
+
+
 def _search_section(c: dict) -> str:
     search = c.get("search") or {}
     curve = search.get("train_curve") or []
@@ -270,7 +317,10 @@ def _search_section(c: dict) -> str:
 def _header(c: dict) -> str:
     n_nodes, n_edges = len(c.get("nodes", [])), len(c.get("edges", []))
     all_edges = c.get("num_edges") if isinstance(c.get("num_edges"), int) else n_edges
-    edges_txt = f"<b>{n_edges}</b> edges" if all_edges <= n_edges else f"<b>{all_edges}</b> edges ({n_edges} listed)"
+    # num_edges counts weights only; the list also holds residual and q-k links (pruning.graph)
+    links = c.get("num_edges_all_links") if isinstance(c.get("num_edges_all_links"), int) else all_edges
+    edges_txt = f"<b>{all_edges}</b> edges" + (f" (+{links - all_edges} residual/q-k links)" if links > all_edges else "")
+    edges_txt += f" ({n_edges} listed)" if n_edges < links else ""
     total = c.get("total_nodes")
     share = f" ({100 * n_nodes / total:.2g}%)" if isinstance(total, int) and total > 0 else ""
     ver = c.get("verification") or {}
@@ -295,7 +345,7 @@ def _header(c: dict) -> str:
               if c.get("failed") else "")
     return (f'<header><h1>Circuit for <code>{escape(str(c.get("task", "?")))}</code></h1>{failed}'
             f'<div class="panels"><table class="facts">{facts_html}</table>'
-            f'<div>{_metrics_table(c)}<div class="verdicts">{verdicts}</div>{note}</div></div>'
+            f'<div>{_metrics_table(c)}<div class="verdicts">{verdicts}</div>{note}</div>{_faithfulness_chart(c)}</div>'
             f"{_search_section(c)}</header>")
 
 
@@ -337,6 +387,7 @@ figure.chart { margin: 4px 0; } figcaption { font-size: 12px; color: #52606d; }
 figure.chart text { font-size: 10px; fill: #7b8794; }
 figure.chart polyline { fill: none; stroke: #2b6cb0; stroke-width: 1.5; }
 figure.chart .dots { fill: #2b6cb0; }
+figure.chart .legend-small { font-size: 11px; color: #52606d; }
 figure.chart .axis { stroke: #cbd2d9; } figure.chart .ref { stroke: #b42318; stroke-dasharray: 4 3; }
 .hyper { font-size: 12px; margin-top: 4px; } .hyper th { color: #616e7c; font-weight: normal; }
 .legend { display: flex; gap: 16px; flex-wrap: wrap; padding: 6px 18px; font-size: 13px; }

@@ -18,11 +18,21 @@ stays near chance, the masks are trained again with k_coef / 3 and a new seed
 Then the nodes are ordered by tau (equal taus, common at the clamp, by a
 running average of how much each node's mask lowered the task loss) and the
 number kept is bisected for the fewest whose circuit reaches the target loss
-on the validation split (galloping from the number the masks left open); a scale
-and shift of the two-token logit difference are fitted on the train split
-with LBFGS; every reported number is on the test split, and two checks are
-run: the circuit alone keeps the target, and ablating the circuit's own nodes
-destroys the task.
+on the validation split (galloping from the number the masks left open); only
+then, as in the paper, a scale and shift of the two-token logit difference are
+fitted on the train split with LBFGS. The target is judged on the raw
+(uncalibrated) loss; both raw and calibrated losses are recorded on validation
+and test. Splits: masks, attribution and calibration read train; the
+full-model check (a model at chance, or above the target, gives no circuit),
+the relative target and the bisection read validation; test is only reported:
+the metrics, the two checks (the circuit alone keeps the target, ablating the
+circuit's own nodes destroys the task) and the faithfulness curves (task loss
+and normalised logit difference by node budget for the learned and the
+attribution order, `pruning.faithfulness`).
+
+Speed: ``precision="bf16"`` (the default) runs the frozen model's linear layers
+in bfloat16 with weights cast once per mask training, everything else in float32
+(`pruning.forward.precision_context`).
 
 Use::
 
@@ -52,18 +62,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pruning.attribution import attribution_scores
 from pruning.circuit import Circuit, CircuitNode, destroys
 from pruning.config import PruneConfig
+from pruning.faithfulness import budgets, faithfulness_curve
 from pruning.forward import (PruneError, TaskData, batch_margins, evaluate, fast_head_ok, load_task_data,
-                             loss_and_accuracy, orientation)
+                             loss_and_accuracy, orientation, precision_context, task_loss)
 from pruning.graph import NodeIndex, circuit_edges
 from pruning.means import Means, load_or_compute_means, top_snippets
 from sparse_lm.adapters import sites_of
 from sparse_lm.arch import context_length, n_layers
+from sparse_lm.loading import model_fingerprint
 from tasks.loss import TaskBatch, family_mean
 
 if TYPE_CHECKING:
@@ -162,19 +173,19 @@ def fit_calibration(diff: torch.Tensor, family: torch.Tensor, steps: int = 20) -
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_a, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
-    def task_loss(a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        return family_mean(F.softplus(-sign * (a * d + shift)), fam)
+    def calibrated_loss(a: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return task_loss(sign * (a * d + shift), fam)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = task_loss(log_a.exp(), b) + CALIBRATION_L2 * (log_a**2 + b**2)
+        loss = calibrated_loss(log_a.exp(), b) + CALIBRATION_L2 * (log_a**2 + b**2)
         loss.backward()
         return loss
 
-    before = task_loss(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)).item()
+    before = calibrated_loss(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)).item()
     opt.step(closure)
     a_fit, b_fit = log_a.detach().exp(), b.detach()
-    after = task_loss(a_fit, b_fit).item()
+    after = calibrated_loss(a_fit, b_fit).item()
     if not (math.isfinite(after) and math.isfinite(float(a_fit)) and math.isfinite(float(b_fit))) or after > before:
         return 1.0, 0.0
     return float(a_fit), float(b_fit)
@@ -304,7 +315,9 @@ def train_masks(model: nn.Module, ablation: Ablation, train: TaskBatch, cfg: Pru
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="pruning", unit="step", leave=False)
-    with ablation.installed(torch.ones(n, device=device), all_sites=True):
+    # one precision region for every step: the bf16 weight copies are made once
+    with ablation.installed(torch.ones(n, device=device), all_sites=True), \
+            precision_context(cfg.precision, device, model):
         for step in steps:
             if pos + cfg.batch_size > len(order):
                 order, pos = torch.randperm(len(train), generator=gen), 0
@@ -315,11 +328,11 @@ def train_masks(model: nn.Module, ablation: Ablation, train: TaskBatch, cfg: Pru
             mask.retain_grad()
             ablation.set(mask)
             if task_loss_fn is not None:
-                task_loss = task_loss_fn(model, mb)
+                masked_loss = task_loss_fn(model, mb).float()
             else:
-                margin = batch_margins(model, mb, chunk_tokens=cfg.chunk_tokens, fast=fast)[0]  # (b,)
-                task_loss = family_mean(F.softplus(-margin), mb.family)
-            loss = task_loss + k_coef * mask.sum()
+                margin = batch_margins(model, mb, chunk_tokens=cfg.chunk_tokens, fast=fast)[0]  # (b,) float32
+                masked_loss = task_loss(margin, mb.family)
+            loss = masked_loss + k_coef * mask.sum()
             if not torch.isfinite(loss):
                 raise PruneError(f"the pruning loss became {loss.item()} at step {step}; lower lr or k_coef")
             opt.zero_grad(set_to_none=True)
@@ -329,12 +342,13 @@ def train_masks(model: nn.Module, ablation: Ablation, train: TaskBatch, cfg: Pru
                 tau.clamp_(-1.0, 1.0)
                 # d(loss)/d(mask) = d(task loss)/d(mask) + k_coef
                 importance.mul_(0.95).add_(k_coef - mask.grad, alpha=0.05)
-            ema = task_loss.item() if ema is None else 0.9 * ema + 0.1 * task_loss.item()
+            value = masked_loss.item()
+            ema = value if ema is None else 0.9 * ema + 0.1 * value
             if step % log_every == 0 or step == cfg.steps - 1:
                 n_open = int(mask.sum().item())
-                curve.append([step, round(task_loss.item(), 6), n_open])
+                curve.append([step, round(value, 6), n_open])
                 if progress:
-                    steps.set_postfix(loss=f"{task_loss.item():.3f}", open=n_open)
+                    steps.set_postfix(loss=f"{value:.3f}", open=n_open)
             if collapse_at is not None and step >= check_from and ema > collapse_at:
                 raise MaskCollapse(step, ema)
     return tau.detach(), importance, curve
@@ -410,9 +424,13 @@ class _Search:
 
     def margins(self, batch: TaskBatch, mask: torch.Tensor,
                 record: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Margins with the nodes outside `mask` mean-ablated."""
-        with self.ablation.installed(mask):
+        """Margins with the nodes outside `mask` mean-ablated (float32, computed at `cfg.precision`)."""
+        with self.ablation.installed(mask), precision_context(self.cfg.precision, batch.input_ids.device, self.model):
             return evaluate(self.model, batch, chunk_tokens=self.cfg.chunk_tokens, fast=self.fast, record=record)
+
+    def metric(self, batch: TaskBatch, mask: torch.Tensor) -> dict[str, float]:
+        """{"loss", "accuracy"} of the circuit `mask` on `batch`."""
+        return loss_and_accuracy(self.margins(batch, mask)[0], batch.family)
 
     def fail(self, reason: str, *, timed: bool = True) -> Circuit:
         self.circuit.failed, self.circuit.reason = True, reason
@@ -452,6 +470,7 @@ def prune(
         if count is None:  # cannot happen when the full model meets the target; kept for non-monotone surprises
             return s.fail("no node count reaches the target on the validation split", timed=False)
         mask, kept, acts = _measure(s, order, count)
+        _faithfulness(s, order, count)
         _list_edges(s, mask)
         _describe_nodes(s, kept, acts, scores, tau)
     s.seconds["total"] = time.perf_counter() - s.t0
@@ -474,7 +493,8 @@ def _start(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, cfg: Pru
     circuit = Circuit(model=_model_name(model, model_dir), model_type=str(getattr(model.config, "model_type", "?")),
                       task=data.task, method=cfg.method, target_loss=cfg.target_loss, n_layer=n_layers(model),
                       node_sites=index.names, total_nodes=index.total, hyperparameters=asdict(cfg),
-                      completions=list(data.completions), target_tokens=list(data.token_strings))
+                      completions=list(data.completions), target_tokens=list(data.token_strings),
+                      model_fingerprint=model_fingerprint(model))
     s = _Search(model=model, tokenizer=tokenizer, cfg=cfg, progress=progress, index=index, data=data, means=means,
                 mean_vec=mean_vec, ablation=Ablation(model, index, mean_vec), circuit=circuit, t0=t0)
     s.seconds["prepare"] = time.perf_counter() - t0
@@ -482,25 +502,38 @@ def _start(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, cfg: Pru
 
 
 def _check_full_model(s: _Search) -> str | None:
-    """Measure the unpruned model and resolve the target; the reason to stop when the model itself misses it."""
-    model, data, cfg, ct = s.model, s.data, s.cfg, s.cfg.chunk_tokens
+    """Measure the unpruned model and resolve the target; the reason to stop when the model cannot be pruned.
+
+    Every decision here reads the validation split (the test split is measured for the report only):
+    a model below `cfg.min_accuracy` (e.g. at chance) does not solve the task, so any circuit of it,
+    the empty one included, would be meaningless; a relative target is the model's own
+    validation loss plus the margin; and a model whose validation loss misses the target cannot have a
+    circuit that reaches it.
+    """
+    model, data, cfg = s.model, s.data, s.cfg
     s.fast = fast_head_ok(model, data.val)
-    full_val = loss_and_accuracy(evaluate(model, data.val, chunk_tokens=ct, fast=s.fast)[0], data.val.family)
-    full_test = loss_and_accuracy(evaluate(model, data.test, chunk_tokens=ct, fast=s.fast)[0], data.test.family)
+    all_open = torch.ones(s.index.total, device=s.mean_vec.device)  # no site hooked: the model itself
+    full_val = s.metric(data.val, all_open)
+    full_test = s.metric(data.test, all_open)
     s.full_val = full_val
-    s.circuit.metrics["full_model"] = full_test
+    s.circuit.metrics.update(full_model=full_test, full_model_val=full_val)
     s.circuit.search.update(full_model_val=full_val, fast_head=s.fast)
-    # A relative target is measured from the model's own loss on both splits the circuit is judged on.
-    own = max(full_test["loss"], full_val["loss"])
+    own = full_val["loss"]
     s.target = cfg.target_loss if cfg.relative_margin is None else own + cfg.relative_margin
     s.circuit.target_loss = s.target
-    if full_val["loss"] > s.target or full_test["loss"] > s.target:
+    if full_val["accuracy"] < cfg.min_accuracy:
+        return (
+            f"the model does not solve this task: accuracy {full_val['accuracy']:.3f} on validation (task loss "
+            f"{full_val['loss']:.4f} nats on {data.task}; chance is accuracy 0.5, loss ln 2 = {math.log(2):.4f}), "
+            f"below min_accuracy {cfg.min_accuracy:g}, so any circuit of it, even the empty one, would be "
+            f"meaningless; train the model longer or prune it for a task it solves (min_accuracy=0 prunes anyway)"
+        )
+    if full_val["loss"] > s.target:
         return (
             f"the unpruned model itself misses the target: its task loss on {data.task} is "
-            f"{full_test['loss']:.4f} nats on the test split ({full_val['loss']:.4f} on validation, accuracy "
-            f"{full_test['accuracy']:.3f}), above the target {s.target:.4f}; prune toward a target relative to the "
-            f"model's own loss, e.g. --target-loss relative:+0.05 (= {own + 0.05:.4f} here) or "
-            f"relative_margin=0.05, or use a model that solves the task"
+            f"{full_val['loss']:.4f} nats on the validation split (accuracy {full_val['accuracy']:.3f}), above the "
+            f"target {s.target:.4f}; prune toward a target relative to the model's own loss, e.g. --target-loss "
+            f"relative:+0.05 (= {own + 0.05:.4f} here) or relative_margin=0.05, or use a model that solves the task"
         )
     return None
 
@@ -512,8 +545,7 @@ def _order_nodes(s: _Search) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
         tau, importance = _learn_masks(s)
         order, scores, hint = order_nodes(tau, tie_break=importance), tau, int((tau > 0).sum())
     else:
-        scores = attribution_scores(s.model, s.index, s.mean_vec, s.data.train, chunk_tokens=s.cfg.chunk_tokens,
-                                    fast=s.fast)
+        scores = _attribution(s)
         order, tau, hint = order_nodes(scores), None, None
     s.seconds["optimise" if s.cfg.method == "learned" else "attribution"] = time.perf_counter() - t1
     return order, scores, tau, hint
@@ -567,7 +599,13 @@ def _search_count(s: _Search, order: torch.Tensor, hint: int | None) -> int | No
 
 
 def _measure(s: _Search, order: torch.Tensor, count: int) -> tuple[torch.Tensor, list[int], dict[str, torch.Tensor]]:
-    """Calibrate on train, measure on test, run the two checks; (mask (N,), kept ids, last-position activations)."""
+    """Calibrate, measure, run the two checks; (mask (N,), kept ids, last-position activations on test).
+
+    The paper's order: the bisection has fixed the node count on the raw (uncalibrated) validation
+    loss; only then are the scale and shift fitted, on the train split, and both the raw and the
+    calibrated circuit are measured on validation (``*_val``: what a sweep may choose on) and on test
+    (the reported numbers). The target is judged on the raw loss, as the bisection was.
+    """
     t1 = time.perf_counter()
     data, index, target, c = s.data, s.index, s.target, s.circuit
     mask = keep_mask(order, count, index.total)
@@ -576,31 +614,78 @@ def _measure(s: _Search, order: torch.Tensor, count: int) -> tuple[torch.Tensor,
     train_margin = s.margins(calib, mask)[0]
     a, b = fit_calibration(train_margin * orientation(calib.family), calib.family, s.cfg.calibrate_steps)
     c.calibration = {"scale": a, "shift": b}
+
+    def raw_and_calibrated(margin: torch.Tensor, fam: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
+        sign = orientation(fam)
+        return loss_and_accuracy(margin, fam), loss_and_accuracy(sign * (a * (sign * margin) + b), fam)
+
     node_sites = sorted({index.node(i)[0].name for i in kept})
     test_margin, acts = s.margins(data.test, mask, record=node_sites)
-    sign = orientation(data.test.family)
-    calibrated = sign * (a * (sign * test_margin) + b)
-    fam = data.test.family
+    circuit_test, calibrated_test = raw_and_calibrated(test_margin, data.test.family)
+    circuit_val, calibrated_val = raw_and_calibrated(s.margins(data.val, mask)[0], data.val.family)
     metrics = {
         "full_model": c.metrics["full_model"],
-        "circuit": loss_and_accuracy(test_margin, fam),
-        "circuit_calibrated": loss_and_accuracy(calibrated, fam),
-        "circuit_ablated": loss_and_accuracy(s.margins(data.test, 1.0 - mask)[0], fam),
-        "all_ablated": loss_and_accuracy(s.margins(data.test, torch.zeros_like(mask))[0], fam),
+        "circuit": circuit_test,
+        "circuit_calibrated": calibrated_test,
+        "circuit_ablated": s.metric(data.test, 1.0 - mask),
+        "all_ablated": s.metric(data.test, torch.zeros_like(mask)),
+        "full_model_val": s.full_val,
+        "circuit_val": circuit_val,
+        "circuit_calibrated_val": calibrated_val,
     }
     c.metrics = metrics
     keeps = metrics["circuit"]["loss"] <= target
     c.verification = {
         "keeps_target": keeps,
+        "keeps_target_val": circuit_val["loss"] <= target,
         "destroys_task": destroys(metrics["circuit_ablated"]),
         "note": (f"test split: the circuit alone (all {index.total - count} other nodes mean-ablated) has loss "
-                 f"{metrics['circuit']['loss']:.4f} {'<=' if keeps else '>'} target {target:.4f}; with its own "
-                 f"{count} nodes mean-ablated the loss is {metrics['circuit_ablated']['loss']:.4f} (accuracy "
-                 f"{metrics['circuit_ablated']['accuracy']:.3f}); 'destroyed' means loss >= ln 2 = "
-                 f"{math.log(2):.4f} or accuracy <= 0.6"),
+                 f"{metrics['circuit']['loss']:.4f} {'<=' if keeps else '>'} target {target:.4f} (uncalibrated, as "
+                 f"the bisection chose it on validation: {circuit_val['loss']:.4f}; calibrated "
+                 f"{calibrated_test['loss']:.4f}); with its own {count} nodes mean-ablated the loss is "
+                 f"{metrics['circuit_ablated']['loss']:.4f} (accuracy {metrics['circuit_ablated']['accuracy']:.3f}); "
+                 f"'destroyed' means loss >= ln 2 = {math.log(2):.4f} or accuracy <= 0.6"),
     }
     s.seconds["evaluate"] = time.perf_counter() - t1
     return mask, kept, acts
+
+
+def _attribution(s: _Search) -> torch.Tensor:
+    """Attribution scores of every node on the train split (N,), at `cfg.precision`."""
+    with precision_context(s.cfg.precision, s.mean_vec.device, s.model):
+        return attribution_scores(s.model, s.index, s.mean_vec, s.data.train, chunk_tokens=s.cfg.chunk_tokens,
+                                  fast=s.fast)
+
+
+def _faithfulness(s: _Search, order: torch.Tensor, count: int) -> None:
+    """Faithfulness curves on the test split for the circuit's node order and, for learned masks, attribution's.
+
+    Reported only: nothing here chooses anything, so it reads the test split.
+    """
+    points = s.cfg.faithfulness_points
+    if points <= 0:
+        return
+    t1 = time.perf_counter()
+    test, total = s.data.test, s.index.total
+
+    def loss_and_diff(mask: torch.Tensor) -> tuple[float, float]:
+        margin = s.margins(test, mask)[0]
+        return loss_and_accuracy(margin, test.family)["loss"], float(family_mean(margin.double(), test.family))
+
+    ones = torch.ones(total, device=s.mean_vec.device)
+    known = {0: loss_and_diff(torch.zeros_like(ones)), total: loss_and_diff(ones)}
+    orders = {s.cfg.method: order}
+    if s.cfg.method == "learned":
+        orders["attribution"] = order_nodes(_attribution(s))
+    counts = budgets(total, points, also=(count,))
+    curves = {name: faithfulness_curve(lambda n, o=o: loss_and_diff(keep_mask(o, n, total)), counts, total, known)
+              for name, o in orders.items()}
+    own = curves[s.cfg.method]
+    s.circuit.faithfulness = {
+        "split": "test", "metric": "logit difference (target - distractor), family-averaged",
+        "curve": own["curve"], "cpr": own["cpr"], "cmd": own["cmd"], "by_order": curves,
+    }
+    s.seconds["faithfulness"] = time.perf_counter() - t1
 
 
 def _list_edges(s: _Search, mask: torch.Tensor) -> None:

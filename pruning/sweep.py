@@ -65,7 +65,8 @@ class SweepConfig:
     prune: PruneConfig = section(PruneConfig, "the pruning run each iteration makes (searched keys are overridden)")
     iterations: int = field(32, "pruning runs in all (paper: 32)")
     workers: int = field(1, "pruning runs at a time, each in its own process")
-    objective: str = field("nodes", "what CARBS minimises: 'nodes' or 'edges' of the circuit at the target loss")
+    objective: str = field("nodes", "what CARBS minimises: 'nodes' or 'edges' (the paper's count: weights only) "
+                                    "of the circuit at the target loss on the validation split")
     seed: int = field(0, "seed of CARBS")
     num_random_samples: int = field(4, "CARBS's first suggestions, drawn around the search center")
     # (cost is not configurable: mask steps, see the module docstring)

@@ -312,3 +312,20 @@ def test_chromium_hover_shows_cards_and_highlights_edges(tmp_path):
     assert 'data-node-card="0.attn.resid_delta #19' in body
     assert f'data-hot-edges="{sum(5 in (e["src"], e["dst"]) for e in circuit["edges"])}"' in body
     assert 'data-focus="true"' in body
+
+
+def test_faithfulness_curves_are_drawn_for_every_node_order():
+    circuit = example_circuit()
+    total = circuit["total_nodes"]
+    learned = {"curve": [[0, 0.69, 0.0], [1, 0.4, 0.5], [10, 0.1, 0.97], [total, 0.05, 1.0]], "cpr": 0.91, "cmd": 0.09}
+    attribution = {"curve": [[0, 0.69, 0.0], [1, 0.6, 0.1], [10, 0.3, 0.6], [total, 0.05, 1.0]], "cpr": 0.7, "cmd": 0.3}
+    circuit["faithfulness"] = {"split": "test", "curve": learned["curve"], "cpr": 0.91, "cmd": 0.09,
+                               "by_order": {"learned": learned, "attribution": attribution}}
+    page = render_circuit_html(circuit)
+    start = page.index('<figure class="chart faithfulness">')
+    figure = page[start : page.index("</figure>", start)]
+    assert "test split" in figure and figure.count("<polyline") == 2
+    assert "learned: CPR 0.91, CMD 0.09" in figure and "attribution: CPR 0.7, CMD 0.3" in figure
+    # no curves recorded (an older circuit.json, or faithfulness_points=0): no chart, the page still renders
+    del circuit["faithfulness"]
+    assert 'class="chart faithfulness"' not in render_circuit_html(circuit)

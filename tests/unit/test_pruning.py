@@ -307,8 +307,25 @@ def test_planted_circuit_is_recovered(planted):
     assert circuit.verification["destroys_task"]
     assert circuit.metrics["all_ablated"]["loss"] >= math.log(2) - 1e-6
     assert circuit.metrics["circuit_calibrated"]["loss"] <= circuit.metrics["circuit"]["loss"] + 1e-6
+    # raw and calibrated on both splits; the bisection's target is met by the raw validation loss
+    assert circuit.metrics["circuit_val"]["loss"] <= circuit.target_loss and circuit.verification["keeps_target_val"]
+    assert {"circuit_calibrated_val", "full_model_val"} <= set(circuit.metrics)
+    from sparse_lm.loading import model_fingerprint
+    assert circuit.model_fingerprint == model_fingerprint(model) and len(circuit.model_fingerprint) == 16
+    faith = circuit.faithfulness
+    assert faith["split"] == "test" and set(faith["by_order"]) == {"learned", "attribution"}
+    for entry in faith["by_order"].values():
+        nodes = [p[0] for p in entry["curve"]]
+        assert nodes[0] == 0 and nodes[-1] == circuit.total_nodes and circuit.num_nodes in nodes
+        assert entry["curve"][0][2] == pytest.approx(0.0) and entry["curve"][-1][2] == pytest.approx(1.0)
+        assert 0 < entry["cpr"] <= 1.2 and entry["cmd"] >= 0
+    # the learned order keeps the task with its first few nodes: faithful at the circuit's own size
+    at_count = {p[0]: p[2] for p in faith["curve"]}[circuit.num_nodes]
+    assert at_count > 0.5
     ids = {n.id for n in circuit.nodes}
-    assert circuit.num_edges == len(circuit.edges) >= 4 and all(e.src in ids and e.dst in ids for e in circuit.edges)
+    assert circuit.edges_complete and circuit.num_edges == sum(e.type != "resid_delta->act_in" and e.type != "attn.q<->attn.k"
+                                                               for e in circuit.edges) >= 4
+    assert all(e.src in ids and e.dst in ids for e in circuit.edges)
     assert [c for c, _ in circuit.search["bisection"]][-1] is not None
     assert circuit.objective("nodes") == (float(circuit.num_nodes), False)
     # the JSON round trip
@@ -355,8 +372,9 @@ def test_model_that_misses_the_target_fails_with_the_numbers(planted):
                     progress=False)
     assert circuit.failed and circuit.num_nodes == 0
     assert "misses the target" in circuit.reason and "relative:+0.05" in circuit.reason
-    assert f"{circuit.metrics['full_model']['loss']:.4f}" in circuit.reason
-    own = max(circuit.metrics["full_model"]["loss"], circuit.search["full_model_val"]["loss"])
+    # the decision reads the validation split, so the reason quotes the validation loss
+    assert f"{circuit.metrics['full_model_val']['loss']:.4f} nats on the validation split" in circuit.reason
+    own = circuit.metrics["full_model_val"]["loss"]
     assert circuit.objective() == (math.inf, True)
     # a relative target is reachable
     rel = prune(model, None, planted_cfg(relative_margin=0.05, steps=60), means=means, data=planted_data(),
@@ -392,7 +410,14 @@ def test_cli_writes_the_circuit_of_a_real_model_folder(tmp_path, small_data):
     model.save_pretrained(run / "model")
     tok.save_pretrained(run / "model")
     (run / "config.json").write_text(json.dumps({"job": "pretrain", "data": {"data_dir": str(small_data)}}))
-    small = ["steps=20", "n_train=64", "n_val=32", "n_test=32", "mean_blocks=8", "snippets=2", "device=cpu"]
+    small = ["steps=20", "n_train=64", "n_val=32", "n_test=32", "mean_blocks=8", "snippets=2", "device=cpu",
+             "faithfulness_points=3"]
+
+    # a random model does not solve the task: a clear error naming its validation accuracy (issue 16)
+    with pytest.raises(PruneError, match=r"does not solve this task: accuracy 0\.\d+ on validation"):
+        run_prune(_cli_args(run / "model", tmp_path / "chance", "--target-loss", "relative:+0.05", *small))
+    assert not (tmp_path / "chance" / "circuit.json").exists()
+    small.append("min_accuracy=0")  # below: the pipeline itself, on this untrained model
 
     # a random model misses an absolute target: a clear error, nothing written
     with pytest.raises(PruneError, match=r"misses the target.*relative:\+0\.05"):
@@ -406,9 +431,9 @@ def test_cli_writes_the_circuit_of_a_real_model_folder(tmp_path, small_data):
     config = json.loads((out / "config.json").read_text())
     assert config["job"] == "prune" and config["relative_margin"] == 0.05 and config["model"] == str(run / "model")
     assert config["steps"] == 20 and circuit.hyperparameters["steps"] == 20
-    own = max(circuit.metrics["full_model"]["loss"], circuit.search["full_model_val"]["loss"])
+    own = circuit.metrics["full_model_val"]["loss"]  # a relative target is measured on validation only
     assert circuit.target_loss == pytest.approx(own + 0.05)
-    assert circuit.verification["keeps_target"] and circuit.completions == ["'", '"']
+    assert circuit.verification["keeps_target_val"] and circuit.completions == ["'", '"']
     assert circuit.search["means_source"].startswith("run data")
     assert any((run / "model" / ".sparse_lm_cache").glob("means-*.safetensors"))
     if importlib.util.find_spec("pruning.html") is not None:
@@ -433,12 +458,13 @@ def test_dense_gpt2_prunes_through_the_site_adapter(small_data):
     means = load_or_compute_means(model, index.names, tokenizer=tok, n_blocks=4)  # stdlib text: no run data here
     assert means.source == "stdlib" and means.path is None  # no model folder: nothing cached
     for method in ("learned", "attribution"):
+        # an untrained model: min_accuracy 0 prunes it anyway (the pipeline is what is tested here)
         cfg = PruneConfig(method=method, relative_margin=0.02, steps=10, n_train=64, n_val=32, n_test=32,
-                          mean_blocks=4, snippets=1, device="cpu")
+                          mean_blocks=4, snippets=1, device="cpu", min_accuracy=0.0, faithfulness_points=3)
         circuit = prune(model, tok, cfg, means=means, progress=False)
         assert not circuit.failed, circuit.reason
         assert circuit.model_type == "gpt2" and circuit.total_nodes == 2 * (16 * 7 + 64)
-        assert circuit.verification["keeps_target"]
+        assert circuit.verification["keeps_target_val"]
     assert model.training and all(p.requires_grad for p in model.parameters())  # restored
     assert fast_head_ok(model.eval(), load_task_data(tok, PruneConfig(n_train=8, n_val=8, n_test=8)).val)
     assert sites_of(model).active_torch_hooks() == 0

@@ -8,14 +8,22 @@ import pytest
 import torch
 
 from pruning.circuit import Circuit
-from pruning.sweep import PROTOCOL, STATE_FILE, Sweep, SweepConfig, pareto_front, search_space
+from pruning.sweep import (
+    PROTOCOL,
+    STATE_FILE,
+    Sweep,
+    SweepConfig,
+    pareto_front,
+    search_space,
+)
 from sparse_lm import config as configlib
-from sparse_lm_app.cli import main
 from sparse_lm.model import SparseGPT, SparseGPTConfig
 from sparse_lm.tokenizer import load_tokenizer
+from sparse_lm_app.cli import main
 
 FAST = ["prune.steps=15", "prune.n_train=64", "prune.n_val=32", "prune.n_test=32", "prune.mean_blocks=4",
-        "prune.relative_margin=0.05", "prune.snippets=1", "prune.task=single_double_quote"]
+        "prune.relative_margin=0.05", "prune.snippets=1", "prune.task=single_double_quote",
+        "prune.min_accuracy=0", "prune.faithfulness_points=0"]  # an untrained model: prune it anyway
 
 
 @pytest.fixture(scope="module")
