@@ -76,6 +76,7 @@ trainer = Trainer(model=model, run_dir=Path(args.out_dir), train_cfg=tc, optim_c
 if args.resume:
     assert trainer.load_checkpoint(), "no checkpoint to resume from"
 losses, adam_rms, grad_rms = [], [], []
+received.clear()  # bf16 ZeRO-0's wrapper runs one zero-gradient step at set-up to create the Adam state
 n_params = sum(q.numel() for q in trainer.module.parameters() if q.requires_grad)
 while trainer.step < (args.stop_at or args.steps):
     losses.append(trainer.train_step())
