@@ -112,6 +112,9 @@ def _init_worker(model_dir: str, threads: int) -> None:
     torch.set_num_threads(max(1, threads))
     _WORKER["model"], _WORKER["tokenizer"] = load_model_and_tokenizer(model_dir)
     _WORKER["model_dir"] = model_dir
+    # In-process sweeps (one worker) reuse this dict: the previous model's task data and means must go.
+    _WORKER.pop("inputs", None)
+    _WORKER.pop("inputs_key", None)
 
 
 def _run_one(prune_cfg: dict, out_dir: str) -> dict:

@@ -124,3 +124,19 @@ def test_sweep_cli(model_dir, tmp_path, capsys):
                for r in state["results"])
     assert rc == 0, text.err
     assert "best circuit" in text.out and (out / "circuit.json").exists()
+
+
+def test_two_in_process_sweeps_on_different_models_do_not_share_inputs(model_dir, small_data, tmp_path):
+    # The main job runs one-worker sweeps in its own process, sparse model then dense model: the second must
+    # not reuse the first model's task data and means (a vector over the wrong number of nodes).
+    tok = load_tokenizer(small_data / "tokenizer")
+    other = tmp_path / "other_model"
+    torch.manual_seed(1)
+    SparseGPT(SparseGPTConfig(vocab_size=len(tok), block_size=512, n_layer=1, n_head=2, d_head=8, d_model=24,
+                              d_mlp=48)).save_pretrained(other)
+    tok.save_pretrained(other)
+    cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=1"])
+    Sweep(cfg, str(model_dir), tmp_path / "a").run(progress=False)
+    Sweep(cfg, str(other), tmp_path / "b").run(progress=False)
+    state = json.loads((tmp_path / "b" / STATE_FILE).read_text())
+    assert len(state["results"]) == 1 and "nodes" not in (state["results"][0]["reason"] or "")
