@@ -26,6 +26,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from sparse_lm.io import write_json
+
 # Presets are package data (pyproject.toml package-data), found beside this module in a checkout and a wheel alike.
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -239,12 +241,10 @@ def resolve(cls: type[T], job: str, preset: str | None = None, overrides: list[s
 
 
 def save(obj: Any, path: str | Path, job: str | None = None) -> None:
-    from sparse_lm.io import atomic_write_text
-
     d = to_dict(obj)
     if job:
         d = {"job": job, **d}
-    atomic_write_text(path, json.dumps(d, indent=2) + "\n")
+    write_json(path, d)
 
 
 def load(cls: type[T], path: str | Path) -> T:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sparse_lm.corpus import Corpus, Document
+from sparse_lm.io import write_json
 from sparse_lm.tokenizer import tokenizer_hash as compute_tokenizer_hash
 
 if TYPE_CHECKING:
@@ -241,7 +242,7 @@ def prepare_data(
     try:
         for split in SPLITS:
             dataset_dict[split].save_to_disk(str(staging / split))
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(staging / META_FILE, meta)
         # Remove the old meta first: from here until the new one lands the folder reads as incomplete.
         (out_dir / META_FILE).unlink(missing_ok=True)
         for split in SPLITS:

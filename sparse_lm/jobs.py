@@ -19,6 +19,20 @@ from sparse_lm.config import field, section, to_dict
 from sparse_lm.sparsity import SparsityConfig
 
 
+def _at_least(low: int, section: str, **values) -> None:
+    for key, value in values.items():
+        if value < low:
+            raise ValueError(f"{section}.{key} must be at least {low}, got {value}")
+
+
+def _finite_positive(section: str, **values) -> None:
+    import math
+
+    for key, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{section}.{key} must be a finite number > 0, got {value}")
+
+
 @dataclass
 class DataSection:
     source: str = field("stdlib", "corpus: 'stdlib' (this interpreter's standard library), a folder, a glob, or hf:NAME[:CONFIG]")
@@ -32,6 +46,14 @@ class DataSection:
     tokenizer: str | None = field(None, "existing tokenizer folder to use instead of training one")
     data_dir: str | None = field(None, "prepared data folder (from `sparse-lm data`); None: prepare inside the run")
     num_proc: int = field(2, "processes for tokenization")
+
+    def validate(self) -> None:
+        _at_least(2, "data", block_size=self.block_size, vocab_size=self.vocab_size)
+        _at_least(1, "data", num_proc=self.num_proc)
+        if self.max_documents is not None:
+            _at_least(1, "data", max_documents=self.max_documents)
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
 
 
 @dataclass
@@ -95,6 +117,18 @@ class OptimSection:
         "dense-start lr); linear: the same without the L0 factor"
     )
 
+    def validate(self) -> None:
+        _finite_positive("optim", lr=self.lr, eps=self.eps)
+        if self.grad_rms_bound is not None:
+            _finite_positive("optim", grad_rms_bound=self.grad_rms_bound)
+        for key, value in (("beta1", self.beta1), ("beta2", self.beta2)):
+            if not 0 <= value < 1:
+                raise ValueError(f"optim.{key} must be in [0, 1), got {value}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup <= 1:
+            raise ValueError(f"optim.warmup is a fraction of the steps in [0, 1], got {self.warmup}")
+
 
 @dataclass
 class TrainSection:
@@ -116,6 +150,12 @@ class TrainSection:
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        # A non-positive count would train nothing (and still write a model) or divide by zero later.
+        _at_least(1, "train", steps=self.steps, micro_batch=self.micro_batch, global_batch=self.global_batch,
+                  log_every=self.log_every, eval_batches=self.eval_batches, keep_checkpoints=self.keep_checkpoints)
+        _at_least(0, "train", eval_every=self.eval_every, checkpoint_every=self.checkpoint_every)
+        if self.threads is not None:
+            _at_least(1, "train", threads=self.threads)
         if self.global_batch % self.micro_batch:
             raise ValueError(
                 f"train.global_batch {self.global_batch} is not a multiple of train.micro_batch {self.micro_batch}"

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from sparse_lm.io import atomic_dir
+from sparse_lm.io import atomic_dir, write_json
 from sparse_lm.model import SparseGPT, SparseGPTConfig
 
 CONFIG_FILE = "beeg_config.json"
@@ -456,7 +456,7 @@ def export_official(model_or_dir: SparseGPT | str | Path, out_dir: str | Path, *
     beeg = official_config(model.config)
     sd = official_state_dict(model)
     with atomic_dir(out) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(beeg, indent=2) + "\n")
+        write_json(tmp / CONFIG_FILE, beeg)
         torch.save(sd, tmp / WEIGHTS_FILE)
         copied = [f for f in TOKENIZER_FILES if src is not None and (src / f).is_file()]
         for f in copied:

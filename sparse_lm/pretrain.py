@@ -24,19 +24,42 @@ import torch.distributed as dist
 
 from sparse_lm import config as configlib
 from sparse_lm.data import prepare
+from sparse_lm.io import remove_stale_temporaries, set_aside, unlock_run_folder
 from sparse_lm.jobs import DenseConfig, PretrainConfig, build_model
-from sparse_lm.trainer import (Trainer, TrainingError, checkpoint_job_config, export_model, init_distributed,
-                               save_job_config, shutdown_distributed, write_json)
+from sparse_lm.trainer import (
+    Trainer,
+    TrainingError,
+    checkpoint_job_config,
+    device,
+    export_model,
+    init_distributed,
+    lock_run,
+    save_job_config,
+    shutdown_distributed,
+    write_json,
+)
+
+# What a run leaves in its folder besides its inputs (tokenizer/, data/, which a fresh run reuses).
+RUN_OUTPUTS = ["checkpoints", "metrics.jsonl", "model", "summary.json", "curves.png", "config.json"]
 
 
 def run(cfg: PretrainConfig | DenseConfig, job: str, *, resume: bool = True, progress: bool = True) -> dict:
     """Run a training job to completion and export it; returns the summary (on every rank)."""
     rank, world = init_distributed()
     ok = False
+    run_dir = Path(cfg.out_dir) / cfg.run_name
     try:
-        run_dir = Path(cfg.out_dir) / cfg.run_name
+        # One run per folder: a second one fails here, naming the first one's PID, before it writes anything.
+        lock_run(run_dir, rank)
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(run_dir)  # safe: the lock says nobody else writes here
+            if (run_dir / "model").is_dir():
+                remove_stale_temporaries(run_dir / "model")
+            if not resume:
+                moved = set_aside(run_dir, RUN_OUTPUTS)
+                if moved is not None:
+                    print(f"--fresh: the earlier run's outputs were moved to {moved}", flush=True)
             old = _saved_config(run_dir, type(cfg)) if resume else None
             if old is not None:
                 if configlib.to_dict(old)["model"] != configlib.to_dict(cfg)["model"]:
@@ -63,6 +86,13 @@ def run(cfg: PretrainConfig | DenseConfig, job: str, *, resume: bool = True, pro
         t0 = time.perf_counter()
         last = trainer.fit(resume=resume, progress=progress)
         seconds = time.perf_counter() - t0
+        finished = _finished_summary(run_dir, rank) if trainer.step == trainer.start_step else None
+        if finished is not None:  # nothing was trained: the run's results stand as they are
+            if rank == 0:
+                print(f"{run_dir} already finished at step {trainer.step}; its model and summary are unchanged "
+                      f"(raise train.steps to train on)", flush=True)
+            ok = True
+            return finished
         out = export_model(trainer, lambda: build_model(cfg, job, vocab, tokenizer), run_dir / "model", tokenizer)
         summary = {"job": job, "run_dir": str(run_dir), "model_dir": str(run_dir / "model"), "steps": trainer.step,
                    "world_size": world, "parameters": n_params, "train_seconds": seconds,
@@ -80,7 +110,29 @@ def run(cfg: PretrainConfig | DenseConfig, job: str, *, resume: bool = True, pro
         ok = True
         return summary
     finally:
+        unlock_run_folder(run_dir)  # a no-op on ranks that do not hold it; process exit would release it too
         shutdown_distributed(clean=ok)
+
+
+def _finished_summary(run_dir: Path, rank: int) -> dict | None:
+    """The summary of a run whose model and summary are already written (decided on rank 0 for all ranks)."""
+    summary = None
+    if rank == 0 and (run_dir / "model").is_dir() and (run_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except json.JSONDecodeError:
+            summary = None  # a damaged summary is rewritten
+    # A tensor flag, not broadcast_object_list: that one needs each rank's CUDA device set under NCCL.
+    flag = torch.tensor([0 if summary is None else 1], device=device())
+    dist.broadcast(flag, 0)
+    if not int(flag):
+        return None
+    if summary is None:  # another rank: its copy of the summary (the same file on one machine)
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            summary = {"run_dir": str(run_dir)}
+    return summary
 
 
 def format_summary(s: dict[str, Any]) -> str:

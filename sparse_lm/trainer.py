@@ -40,6 +40,74 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (NaN loss, unreadable checkpoint, ...); says what to do."""
 
 
+class UnsafeCheckpointError(TrainingError):
+    """A checkpoint file holds Python objects beyond tensors and plain data: refused unread."""
+
+
+# ---------------------------------------------------------------------------
+# safe checkpoint loading
+#
+# A DeepSpeed checkpoint is a pickle. DeepSpeed itself unpickles it with weights_only=False, which
+# runs whatever a crafted file asks for. Every checkpoint read here goes through safe_torch_load
+# instead: torch's weights-only unpickler (tensors, containers, numbers, strings) plus the three
+# plain-data DeepSpeed classes its ZeRO-1/2 and bf16 optimizer states name (found by saving
+# checkpoints under every layout the trainer allows; the checkpoint tests load each of them).
+
+
+def _checkpoint_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with DeepSpeed's plain-data classes allowed; nothing else is built.
+
+    Raises :class:`UnsafeCheckpointError` for a file that names any other global (a crafted pickle
+    is refused before any of it runs) and :class:`TrainingError` for an unreadable one.
+    """
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_checkpoint_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: it holds more than tensors and plain data ({first}). Nothing in it was "
+            f"run. Only resume checkpoints this toolkit wrote; if you made this one with another tool, "
+            f"start a new run instead"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # truncated zip, missing file, foreign format
+        raise TrainingError(f"checkpoint file {path} could not be read ({type(e).__name__}: {e}); it is "
+                            f"corrupt or truncated") from e
+
+
+def latest_tag(ckpt_dir: str | Path) -> str:
+    """The tag ``ckpt_dir/latest`` names; it must be a folder inside ``ckpt_dir`` (no path of its own)."""
+    latest = Path(ckpt_dir) / "latest"
+    tag = latest.read_text(errors="replace").strip()
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or not (Path(ckpt_dir) / tag).is_dir():
+        raise TrainingError(f"{latest} names {tag[:80]!r}, which is not a checkpoint folder in {ckpt_dir}: write "
+                            f"the name of one of its step* folders into it, or delete it to start afresh")
+    return tag
+
+
+def _make_checkpoint_loads_safe(engine) -> None:
+    """Route every file DeepSpeed's ``load_checkpoint`` reads through :func:`safe_torch_load`.
+
+    DeepSpeed reads the model states (all stages) and the ZeRO/bf16 optimizer partitions through
+    ``engine.checkpoint_engine.load`` and nowhere else on this path.
+    """
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if ckpt_engine is None or not hasattr(ckpt_engine, "load"):
+        raise TrainingError(f"this DeepSpeed ({deepspeed.__version__}) has no checkpoint engine to make safe; "
+                            f"install the version in pyproject.toml")
+    ckpt_engine.load = lambda path, map_location=None: safe_torch_load(path, map_location=map_location)
+
+
 # ---------------------------------------------------------------------------
 # distributed set-up
 
@@ -72,6 +140,27 @@ def shutdown_distributed(clean: bool = True) -> None:
         import deepspeed.utils.groups as ds_groups
 
         ds_groups._WORLD_GROUP = None
+
+
+def lock_run(run_dir: Path, rank: int) -> None:
+    """Every rank: rank 0 takes the run folder's OS lock (see :func:`sparse_lm.io.lock_run_folder`).
+
+    When another process holds it, every rank raises the same TrainingError (naming the owner's PID)
+    instead of rank 0 failing while the others wait at the next barrier.
+    """
+    from sparse_lm.io import RunFolderBusy, lock_run_folder
+
+    err = None
+    if rank == 0:
+        try:
+            lock_run_folder(run_dir)
+        except RunFolderBusy as e:
+            err = str(e)
+    flag = torch.tensor([0 if err is None else 1], device=device())
+    if dist.is_initialized():
+        dist.broadcast(flag, 0)
+    if int(flag):
+        raise TrainingError(err or f"{run_dir} is in use by another run (see rank 0's message)")
 
 
 def device() -> torch.device:
@@ -137,13 +226,13 @@ class GradRMSAdamW(torch.optim.AdamW):
     every DeepSpeed layout, the gradients are final: averaged over ranks and
     micro-batches, unscaled, and in fp32. What ``step()`` sees differs by layout:
 
-    - ZeRO-0 fp32 (and bf16-autocast): the full gradient, identical on every rank,
-      in one call; the norm is computed here.
-    - ZeRO-1/2 and DeepSpeed bf16: the fp32 master gradient, under ZeRO-1/2 only
-      this rank's partition and one parameter group per call. The norm of the
-      *full* gradient (all ranks, all groups, padding excluded) is then taken from
-      the DeepSpeed wrapper, which computes it before stepping any group
-      (``global_norm``).
+    - ZeRO-0 (fp32, bf16-autocast, and bf16 whose wrapper hands over fp32 master
+      grads): the full gradient, identical on every rank, in one call; the norm
+      is computed here.
+    - ZeRO-1/2: this rank's fp32 partition only, one parameter group per call.
+      The norm of the *full* gradient (all ranks, all groups, padding excluded)
+      is then taken from the DeepSpeed wrapper, which computes it before
+      stepping any group (``global_norm``).
 
     Either way every rank and every group scales by the same factor, so the
     gradient Adam receives has RMS ``bound`` (normalize) or at most ``bound`` (clip).
@@ -189,6 +278,8 @@ class Trainer:
                  train_tokens: torch.Tensor, val_tokens: torch.Tensor,
                  sparsity: sp.SparsityConfig | None = None, job_config: Any = None, job: str = "pretrain"):
         self.rank, self.world = init_distributed()
+        # One writer per run folder (a no-op when the job took the lock already).
+        lock_run(Path(run_dir), self.rank)
         set_threads(train_cfg.threads, self.world)
         self.tc, self.oc, self.sc = train_cfg, optim_cfg, sparsity
         self.run_dir = Path(run_dir)
@@ -244,21 +335,24 @@ class Trainer:
             "wall_clock_breakdown": False,
         }
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        _make_checkpoint_loads_safe(engine)
         wrapper = engine.optimizer
         if wrapper is not optimizer:
             from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
             from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+            from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
             from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-            # ZeRO-1/2 (fp32, bf16) and bf16 ZeRO-0 (FP16_Optimizer in its bf16 mode): step() may see
-            # only a partition or one group. Each wrapper sets _global_grad_norm, the norm of the full,
-            # all-reduced, unscaled gradient, before it calls step() (the trainer tests check the RMS
-            # Adam receives under each layout).
-            if not isinstance(wrapper, (BF16_Optimizer, FP16_Optimizer, DeepSpeedZeroOptimizer)):
+            if isinstance(wrapper, (BF16_Optimizer, DeepSpeedZeroOptimizer)):
+                # ZeRO-1/2 (fp32, bf16): step() sees this rank's partition, one group at a time. Both
+                # wrappers set _global_grad_norm, the norm of the full, all-reduced, unscaled gradient,
+                # before they call step() (the trainer tests check the RMS Adam receives).
+                optimizer.global_norm = lambda: wrapper._global_grad_norm
+            elif not isinstance(wrapper, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+                # (bf16 ZeRO-0 lands in these two: step() gets the whole unscaled fp32 gradient at once.)
                 raise TrainingError(f"DeepSpeed wrapped the optimizer in {type(wrapper).__name__}, which this trainer "
                                     f"cannot read the gradient norm from: use train.zero_stage 0, 1 or 2 with "
                                     f"precision fp32, bf16-autocast or bf16")
-            optimizer.global_norm = lambda: wrapper._global_grad_norm
         self.optimizer = optimizer
         return engine
 
@@ -302,8 +396,8 @@ class Trainer:
         mean = float(total) / (self.grad_accum * self.world)
         if not math.isfinite(mean):
             raise TrainingError(
-                f"loss became {mean} at step {self.step} (lr {lr:.3g}); earlier checkpoints in {self.ckpt_dir} "
-                f"are intact. Lower optim.lr, keep optim.grad_rms_bound set, or try precision=fp32."
+                f"loss became {mean} at step {self.step} (lr {lr:.3g}); nothing of this step was saved. "
+                + self._newest_checkpoint_hint() + " Keeping optim.grad_rms_bound set or precision=fp32 may help too."
             )
         self.step += 1
         return mean
@@ -340,7 +434,64 @@ class Trainer:
         return out
 
     # -- checkpoints -------------------------------------------------------------
+    def weights_finite(self) -> bool:
+        """Whether every parameter on every rank is finite (a collective)."""
+        bad = torch.zeros((), device=self.device)
+        for p in self.module.parameters():
+            if not bool(torch.isfinite(p).all()):
+                bad += 1
+                break
+        dist.all_reduce(bad)
+        return bool(bad == 0)
+
+    def _newest_checkpoint_hint(self) -> str:
+        latest = self.ckpt_dir / "latest"
+        lower = min(self.oc.lr / 10, 1e-2)
+        if latest.is_file():
+            return (f"The newest checkpoint ({latest.read_text().strip()}) holds finite weights: resume from it with "
+                    f"a lower learning rate, e.g. `--resume {self.run_dir} optim.lr={lower:g}`.")
+        return f"No checkpoint was written yet: start again with a lower optim.lr (e.g. {lower:g})."
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """Loss of the current weights on the first validation micro-batch (the worst over ranks)."""
+        self.module.eval()
+        ids = self.val_tokens[: self.tc.micro_batch].long().to(self.device)
+        with self._autocast():
+            loss = self.module(input_ids=ids, labels=ids).loss.detach().float()
+        self.module.train()
+        loss = torch.nan_to_num(loss, nan=float("inf")).reshape(1)
+        dist.all_reduce(loss, op=dist.ReduceOp.MAX)
+        return float(loss)
+
+    def check_state(self) -> None:
+        """Raise TrainingError when the current weights must not be saved: any NaN or infinite
+        weight, or (language-model jobs) a loss over twice that of a uniform guess, ln(vocab),
+        where a fresh model starts: the run has diverged and its weights are useless to resume from.
+
+        The loss is probed on the weights about to be saved: the step's own loss is measured before
+        its update, and one update at a huge learning rate ruins the weights while that loss still
+        looks fine.
+        """
+        where = f"by step {self.step} (lr {self.lr_at(max(self.step - 1, 0)):.3g})"
+        if not self.weights_finite():
+            raise TrainingError(f"the weights became NaN or infinite {where}; that state was not saved. "
+                                + self._newest_checkpoint_hint())
+        vocab = getattr(getattr(self.module, "config", None), "vocab_size", None)
+        if self.job in ("pretrain", "dense") and vocab:
+            loss, limit = self.probe_loss(), 2 * math.log(vocab)
+            if not loss <= limit:
+                raise TrainingError(f"the run diverged {where}: the loss of the current weights is {loss:.4g}, "
+                                    f"over twice that of a uniform guess ({limit / 2:.2f}); that state was not "
+                                    f"saved. " + self._newest_checkpoint_hint())
+
     def save_checkpoint(self) -> None:
+        """Save the state at ``self.step``; refuses (TrainingError) a non-finite or diverged state.
+
+        A poisoned state is never written, so ``latest`` always names a good checkpoint and the
+        advised resume with a lower learning rate starts from sane weights.
+        """
+        self.check_state()
         tag = f"step{self.step:07d}"
         # The resolved job config rides in the checkpoint (plain JSON types), so a resume rebuilds the
         # architecture from the checkpoint itself, not from a config.json that may be gone or edited.
@@ -349,9 +500,13 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
         dist.barrier()
         if self.rank == 0:
-            tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir())
-            for old in tags[: max(len(tags) - self.tc.keep_checkpoints, 0)]:
-                shutil.rmtree(old, ignore_errors=True)
+            # Only this run's tags (step + 7 digits) at or before the one just saved; --fresh has moved an
+            # earlier run's aside, and the tag ``latest`` names is always kept.
+            tags = sorted(p for p in self.ckpt_dir.glob("step*") if p.is_dir() and p.name[4:].isdigit()
+                          and len(p.name) == 11 and p.name <= tag)
+            for old in tags[: max(len(tags) - max(self.tc.keep_checkpoints, 1), 0)]:
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
     def load_checkpoint(self) -> bool:
@@ -359,9 +514,11 @@ class Trainer:
         latest = self.ckpt_dir / "latest"
         if not latest.is_file():
             return False
-        tag = latest.read_text().strip()
+        tag = latest_tag(self.ckpt_dir)
         try:
             path, state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        except UnsafeCheckpointError:
+            raise
         except Exception as e:  # DeepSpeed raises many types for a bad file; all mean the same to a user
             raise TrainingError(
                 f"checkpoint {self.ckpt_dir / tag} could not be loaded ({type(e).__name__}: {e}). It is corrupt "
@@ -380,13 +537,42 @@ class Trainer:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def _trim_metrics(self) -> None:
-        """On resume, drop metric lines past the restored step so curves never double back."""
-        if self.rank != 0 or not self.metrics_path.exists():
-            return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
+    def _read_metrics(self) -> tuple[list[dict], int]:
+        """The rows of metrics.jsonl that parse, and how many lines did not (a line torn by a kill)."""
+        rows, torn = [], 0
+        if not self.metrics_path.exists():
+            return rows, torn
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                torn += 1
+        return rows, torn
+
+    def _trim_metrics(self) -> dict:
+        """On resume, drop metric lines past the restored step so curves never double back.
+
+        A line a kill tore in half is dropped (and said so). Returns the logged values as of the
+        restored step (the last value of each key), so a run resumed at its end still reports them.
+        """
+        rows, torn = self._read_metrics()
+        rows = [r for r in rows if r.get("step", 0) <= self.step]
+        if self.rank == 0 and self.metrics_path.exists():
+            if torn:
+                print(f"{self.metrics_path}: dropped {torn} unreadable line(s) (cut off when the run was stopped)",
+                      flush=True)
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        last: dict[str, Any] = {}
+        for r in rows:
+            last.update(r)
+        return last
 
     def sparsity_row(self) -> dict:
         if not self.sparse:
@@ -398,12 +584,28 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------
     def fit(self, resume: bool = True, progress: bool = True) -> dict:
+        """Train to ``train.steps``; returns the last logged values (restored from metrics.jsonl on a resume).
+
+        ``self.start_step`` tells the caller where training began (== ``self.step`` when nothing was left).
+        """
+        last: dict[str, Any] = {}
         if resume and self.load_checkpoint():
-            self._trim_metrics()
+            last = self._trim_metrics()
             if self.rank == 0:
                 print(f"resumed from step {self.step} of {self.tc.steps}", flush=True)
         elif self.rank == 0:
-            self.metrics_path.unlink(missing_ok=True)
+            # A fresh start over an earlier run: its checkpoints and metrics are moved aside, never
+            # deleted and never mixed with this run's (retention would sort both runs' tags together).
+            from sparse_lm.io import set_aside
+
+            if any(self.ckpt_dir.glob("step*")):
+                stale = [n for n in ("checkpoints", "metrics.jsonl") if (self.run_dir / n).exists()]
+                moved = set_aside(self.run_dir, stale)
+                print(f"earlier {', '.join(stale)} moved to {moved}", flush=True)
+            else:  # the metrics of an attempt that never saved a checkpoint: nothing to keep them for
+                self.metrics_path.unlink(missing_ok=True)
+        dist.barrier()
+        self.start_step = self.step
         tokens_per_step = self.tc.global_batch * self.block_size
         bar = None
         if progress and self.rank == 0:
@@ -415,7 +617,6 @@ class Trainer:
             bar = tqdm(total=self.tc.steps, initial=self.step, desc=f"{self.job} {self.run_dir.name}",
                        unit="step", dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
         t_last, steps_since = time.perf_counter(), 0
-        last: dict[str, Any] = {}
         self.module.train()
         while self.step < self.tc.steps:
             loss = self.train_step()
@@ -464,6 +665,10 @@ def export_model(trainer: Trainer, model_factory, out_dir: Path, tokenizer=None)
     state = trainer.full_fp32_state()
     if trainer.rank != 0:
         return None
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainingError(f"not exporting {out_dir}: {len(bad)} tensor(s) hold NaN or infinite values "
+                            f"({', '.join(bad[:3])}); " + trainer._newest_checkpoint_hint())
     model = model_factory()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if not m.endswith(("attn.bias", "attn.masked_bias"))]:
@@ -484,16 +689,20 @@ def checkpoint_job_config(ckpt_dir: Path) -> tuple[str, dict[str, Any]] | None:
     latest = Path(ckpt_dir) / "latest"
     if not latest.is_file():
         return None
-    tag_dir = Path(ckpt_dir) / latest.read_text().strip()
+    tag_dir = Path(ckpt_dir) / latest_tag(ckpt_dir)
     # ZeRO 0-2 keep the client state in rank 0's model-states file; mmap: the weights are not read.
     path = tag_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise TrainingError(f"checkpoint {tag_dir} has no {path.name}: it is incomplete; delete it and resume again")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a truncated or foreign file; the message says what to do either way
-        raise TrainingError(f"checkpoint {tag_dir} could not be read ({type(e).__name__}: {e}): delete it (or set "
+        state = safe_torch_load(path, map_location="cpu", mmap=True)
+    except UnsafeCheckpointError:
+        raise
+    except TrainingError as e:  # a truncated or foreign file; the message says what to do either way
+        raise TrainingError(f"checkpoint {tag_dir} could not be read ({e.__cause__ or e}): delete it (or set "
                             f"{latest} to an earlier tag) and resume again") from e
+    if not isinstance(state, dict):
+        raise TrainingError(f"{path} is not a DeepSpeed checkpoint (a {type(state).__name__}, not a dict)")
     config = state.get("job_config")
     if config is None:
         return None

@@ -43,4 +43,12 @@ def run_eval_tasks(args) -> int:
         rows = evaluate_tasks_or_report(model, tok, names, args.split, n=args.n, batch_size=args.batch_size,
                                         seed=args.seed)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    failed = [r["task"] for r in rows if r.get("error")]
+    if failed:
+        import sys
+
+        # The table still shows every row; the exit code says a requested result is missing.
+        print(f"sparse-lm eval-tasks: error: {len(failed)} of {len(rows)} task(s) could not be evaluated: "
+              f"{', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0

@@ -90,7 +90,9 @@ def _add_train_arguments(p: argparse.ArgumentParser, job: str) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its newest checkpoint (its config; overrides may "
                         "change train.steps and other non-architecture keys)")
-    p.add_argument("--fresh", action="store_true", help="ignore checkpoints already in the run folder")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: an earlier run's checkpoints, metrics and model in the run folder are moved "
+                        "to RUN_DIR.before-TIME (never deleted)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
@@ -164,12 +166,14 @@ def run_info(args) -> int:
     summary = path / "summary.json"
     if summary.exists():
         print(summary.read_text())
-        path = path / "model"
-    from transformers import AutoModelForCausalLM
+    from sparse_lm.loading import load_causal_lm, model_dir
 
-    import sparse_lm  # noqa: F401  (registers sparse_gpt with the Auto classes)
-
-    model = AutoModelForCausalLM.from_pretrained(path)
+    if (path / "summary.json").exists() and not (path / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is a run folder without its model ({path / 'model'} is missing): the run "
+                                f"did not finish; resume it with `sparse-lm pretrain --resume {path}` (or "
+                                f"train-dense)")
+    path = model_dir(path)
+    model = load_causal_lm(path)
     n = sum(p.numel() for p in model.parameters())
     print(f"{path}: {type(model).__name__}, {n / 1e6:.2f}M parameters")
     print(json.dumps(model.config.to_diff_dict(), indent=2, default=str))
