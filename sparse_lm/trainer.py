@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -583,7 +583,7 @@ class Trainer:
                 "kept_fraction_blocks": sum(block) / max(len(block), 1), "kept_fraction": fr}
 
     # -- the loop ---------------------------------------------------------------
-    def fit(self, resume: bool = True, progress: bool = True) -> dict:
+    def fit(self, resume: bool = True, progress: bool = True, on_snapshot: Callable[[int], Any] | None = None) -> dict:
         """Train to ``train.steps``; returns the last logged values (restored from metrics.jsonl on a resume).
 
         ``self.start_step`` tells the caller where training began (== ``self.step`` when nothing was left).
@@ -640,6 +640,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{last['val_loss']:.3f}"} if "val_loss" in last else {}))
             if (self.tc.checkpoint_every and self.step % self.tc.checkpoint_every == 0) or done:
                 self.save_checkpoint()
+            snapshot_every = getattr(self.tc, "snapshot_every", 0)
+            if on_snapshot is not None and snapshot_every and self.step % snapshot_every == 0 and not done:
+                on_snapshot(self.step)  # a collective (the export gathers the master weights): every rank calls it
         if bar is not None:
             bar.close()
         return last

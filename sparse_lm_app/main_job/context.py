@@ -29,19 +29,23 @@ class Plan:
     eval_examples: int = 512
     intervention_examples: int = 256
     intervention_controls: int = 8
-    k_coef_search: bool = True  # learned masks at k_coef and 2 k_coef, the smaller circuit kept
+    sweep_iterations: int = 16  # CARBS suggestions per learned circuit, the same for both models
+    sweep_workers: int = 2  # pruning runs at a time (processes)
     prune_at_chance: bool = False  # toy models are at chance: prune them anyway to exercise the stage
     target_margin: float = 0.05  # common target = the worse model's own loss + this, when above 0.15
 
 
-TINY_MINUTES = {"data": 1.0, "sparse": 59.0, "dense": 15.0, "eval": 5.0, "prune": 18.0, "bridge": 15.0,
+TINY_MINUTES = {"data": 1.0, "sparse": 59.0, "dense": 15.0, "eval": 5.0, "prune": 18.0, "bridge": 32.0,
                 "report": 0.1}
 PLANS: dict[str, Plan] = {
-    "tiny": Plan("tiny", "tiny-dense", "bridge-tiny-alone", "prune-main", TINY_MINUTES),
-    "paper-1x": Plan("paper-1x", "paper-1x-dense", "bridge-tiny-alone", "prune-main", TINY_MINUTES, measured=False),
+    "tiny": Plan("tiny", "tiny-dense", "bridge-tiny-joint", "prune-main", TINY_MINUTES),
+    # GPUs: the paper's 32 iterations of 8 parallel suggestions
+    "paper-1x": Plan("paper-1x", "paper-1x-dense", "bridge-tiny-joint", "prune-main", TINY_MINUTES, measured=False,
+                     sweep_iterations=256, sweep_workers=8),
     "debug": Plan("debug", "debug-dense", "bridge-debug", "prune-debug",
                   {"data": 0.3, "sparse": 1.5, "dense": 1.0, "eval": 0.5, "prune": 1.0, "bridge": 1.0, "report": 0.1},
-                  eval_examples=128, intervention_examples=64, intervention_controls=4, k_coef_search=False,
+                  eval_examples=128, intervention_examples=64, intervention_controls=4, sweep_iterations=2,
+                  sweep_workers=1,
                   prune_at_chance=True, target_margin=0.005),
 }
 STAGE_CONFIGS = ("sparse", "dense", "bridge", "prune")  # stages with a config of their own
@@ -57,6 +61,7 @@ class Pipeline:
         self.data_dir = self.run_dir / "data"
         self.results: dict[str, dict] = {}
         self.configs: dict[str, Any] = {}
+        self.prune_dirs: dict[str, str] = {}  # the model folder each prune row reads (dense: at equal loss)
         self.timings: dict[str, dict] = {}
 
     # -- configs ---------------------------------------------------------------------------

@@ -72,26 +72,50 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
                                   "(chance: ln 2 = 0.693).", rows, []))
     pr = results.get("prune")
     if pr:
-        rows = [["task", "model", "method", "target", "nodes", "edges", "circuit loss", "calibrated", "ablating it",
-                 "verdict", "page"]]
+        rows = [["task", "model", "method", "tuned by", "target", "nodes", "edges", "loss val", "loss test",
+                 "calibrated test", "ablating it (test)", "verdict", "page"]]
+        sweeps = []
         for c in pr.get("circuits", []):
             verdict = c.get("reason") or ("keeps target, ablation destroys task" if c.get("keeps_target") and
                                           c.get("destroys_task") else "check: " + ", ".join(
                                               k for k in ("keeps_target", "destroys_task") if not c.get(k)))
-            if c.get("k_coef") and not c.get("failed"):
-                verdict += f"; k_coef {c['k_coef']:.2g}"
-                if c.get("collapses"):
-                    verdict += (f" after {len(c['collapses'])} collapse(s) at "
-                                + ", ".join(f"{f['k_coef']:.2g}" for f in c["collapses"]))
-            rows.append([c["task"], c["model"], c["method"], _num(c.get("target_loss")), _num(c.get("nodes"), "d"),
-                         _num(c.get("edges"), "d"),
+            tuned = c.get("tuned_by") or "–"
+            if c.get("sweep_iterations"):
+                tuned += f" ({c['sweep_iterations']} runs, {c.get('sweep_failures', 0)} failed)"
+            if c.get("sweep_png") and Path(c["sweep_png"]).exists():
+                sweeps.append(c["sweep_png"])
+            rows.append([c["task"], c["model"], c["method"], tuned, _num(c.get("target_loss")),
+                         _num(c.get("nodes"), "d"), _num(c.get("edges"), "d"), _num(c.get("val_loss")),
                          _num(c.get("loss")), _num(c.get("calibrated_loss")), _num(c.get("ablated_loss")),
                          verdict, _rel(c.get("html"), run_dir) or "–"])
         text = pr.get("summary", "Smallest circuits at the target task loss (learned masks vs attribution).")
-        sections.append(("Circuits", text, rows, []))
+        text += (" Edges count nonzero weights between circuit nodes (the paper's definition); residual "
+                 "write-to-read links and q-k pairs are listed per type in each circuit.json, not counted. "
+                 "Learned circuits come from CARBS sweeps (failure and choice on validation); losses on test "
+                 "are reported, never used to choose.")
+        eq = pr.get("equal_loss") or {}
+        if eq.get("why"):
+            text += f" The dense circuits are pruned from the dense model at equal pretraining loss: {eq['why']}."
+        ctrl = pr.get("random_control")
+        if ctrl:
+            text += (f" Random-weights control ({ctrl['task']}, same shape and weight sparsity, target "
+                     f"{_num(ctrl.get('target_loss'))}): " +
+                     (f"no circuit ({ctrl['reason']})." if ctrl["failed"] else
+                      f"{ctrl['nodes']} nodes reach the target: the target is too loose to mean anything."))
+        sections.append(("Circuits", text, rows, sweeps))
     br = results.get("bridge")
     if br:
-        text = br.get("summary", "")
+        gate = br.get("gate") or {}
+        text = ""
+        if gate:
+            text = (f"Bridge ({br.get('mode')}) quality gate on validation: "
+                    f"{'PASSED' if gate.get('passed') else 'FAILED'} (both hybrid KLs must be below KL(dense || "
+                    f"sparse) without a bridge, {_num(gate.get('kl_no_bridge'))}, and both NMSEs below 0.3: kl_d2s "
+                    f"{_num(gate.get('kl_d2s'))}, kl_s2d {_num(gate.get('kl_s2d'))}, nmse_enc "
+                    f"{_num(gate.get('nmse_enc'))}, nmse_dec {_num(gate.get('nmse_dec'))}). "
+                    + ("" if gate.get("passed") else "The bridge is not called trained; the intervention below "
+                       "goes through it anyway and should be read with that in mind. "))
+        text += br.get("summary", "")
         imgs = [br["intervention_png"]] if br.get("intervention_png") else []
         rows = [[k, _num(v)] for k, v in br.get("losses", {}).items()]
         sections.append(("Bridge and intervention", text, [["loss", "value"], *rows] if rows else [], imgs))

@@ -6,6 +6,7 @@ partial run has a partial file. Keys a stage did not produce are absent, never p
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -31,6 +32,10 @@ def _machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "gpus": torch.cuda.device_count(), "torch": torch.__version__}
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _model_entry(p: Pipeline, key: str) -> dict[str, Any]:
     s = p.results[key]
     cfg = p.configs.get(key)
@@ -48,26 +53,30 @@ def _model_entry(p: Pipeline, key: str) -> dict[str, Any]:
         entry["seconds_per_step"] = s["train_seconds"] / s["steps"]
     evals = p.results.get("eval", {}).get(key)
     if evals:
+        # A task the tokenizer cannot express has no numbers: it is absent, not NaN.
         entry["tasks"] = {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": "test"}
-                          for row in evals if "accuracy" in row and "loss" in row}
+                          for row in evals if _finite(row.get("accuracy")) and _finite(row.get("loss"))}
     return entry
 
 
 def _circuit_entry(row: dict[str, Any]) -> dict[str, Any]:
-    entry = {"model": row["model"], "task": row["task"], "method": row["method"],
-             "tuned_by": row.get("tuned_by", "k_coef-search" if row["method"] == "learned" else "none"),
+    entry = {"model": row["model"], "task": row["task"], "method": row["method"], "tuned_by": row.get("tuned_by"),
              "target_loss": row.get("target_loss"), "failed": bool(row.get("failed"))}
+    if "sweep_iterations" in row:
+        entry["sweep_iterations"] = row["sweep_iterations"]
     if row.get("failed"):
         entry["reason"] = row.get("reason")
         return entry
     entry.update(nodes=row["nodes"], edges=row["edges"], loss={"test": row["loss"]},
                  loss_calibrated={"test": row["calibrated_loss"]}, ablated_loss={"test": row["ablated_loss"]},
                  path=row.get("circuit_dir"))
-    for key in ("edges_by_type", "sweep_iterations"):
-        if key in row:
+    for key in ("edges_by_type", "faithfulness", "model_val_loss"):
+        if row.get(key) is not None:
             entry[key] = row[key]
     if "val_loss" in row:
         entry["loss"]["val"] = row["val_loss"]
+    if "calibrated_val_loss" in row:
+        entry["loss_calibrated"]["val"] = row["calibrated_val_loss"]
     return entry
 
 
@@ -80,20 +89,40 @@ def build_results(p: Pipeline) -> dict[str, Any]:
     if models:
         out["models"] = models
     if "prune" in p.results:
-        out["circuits"] = [_circuit_entry(r) for r in p.results["prune"]["circuits"]]
+        pr = p.results["prune"]
+        out["circuits"] = [_circuit_entry(r) for r in pr["circuits"]]
+        if pr.get("random_control"):
+            out["random_control"] = pr["random_control"]
+        eq = pr.get("equal_loss") or {}
+        if "dense" in models and eq.get("path"):
+            # the dense model the circuits were pruned from: the checkpoint closest to the sparse model's loss
+            models["dense"]["pruned_checkpoint"] = {"path": eq["path"], "step": eq["step"],
+                                                    "val_loss": eq["dense_val_loss"]}
+        for entry, row in zip(out["circuits"], pr["circuits"]):
+            model_loss = eq.get("dense_val_loss") if row["model"] == "dense" else eq.get("sparse_val_loss")
+            if model_loss is not None:
+                entry["model_val_loss"] = model_loss
     bridge = p.results.get("bridge")
     if bridge and "losses" in bridge:
-        after = {k[: -len(" after")]: v for k, v in bridge["losses"].items() if k.endswith(" after")}
         cfg = p.configs.get("bridge")
-        out["bridge"] = {"mode": getattr(cfg, "mode", None), "dense": getattr(cfg, "dense", None),
-                         "sparse": getattr(cfg, "sparse", None), **after}
-        if "alphas" in bridge:
-            out["interventions"] = [{
-                "task": "single_double_quote", "channels": len(bridge["channel"].get("channels", [])),
-                "site": bridge["channel"].get("bridge_site"), "alpha": bridge["alphas"],
-                "effect": bridge["dense_delta_p"], "control_mean": bridge["control_delta_p"],
-                "control_sd": bridge["control_std"],
-            }]
+        gate = bridge.get("gate") or {}
+        entry = {"mode": bridge.get("mode") or getattr(cfg, "mode", None), "dense": getattr(cfg, "dense", None),
+                 "sparse": getattr(cfg, "sparse", None), "trained": bool(bridge.get("trained"))}
+        for key in ("kl_d2s", "kl_s2d", "kl_no_bridge", "nmse_enc", "nmse_dec", "passed", "reasons"):
+            if key in gate:
+                entry[key if key != "passed" else "gate_passed"] = gate[key]
+        if "nmse_enc" in gate and "nmse_dec" in gate:
+            entry["nmse"] = max(gate["nmse_enc"], gate["nmse_dec"])
+        entry["split"] = "val"
+        out["bridge"] = entry
+        if bridge.get("interventions"):
+            out["interventions"] = [
+                {"task": "single_double_quote", "kind": name, "channels": len(part["channels"]), "site": part["site"],
+                 "selection_split": bridge["select_split"], "eval_split": bridge["eval_split"],
+                 "alpha": bridge["alphas"], "effect": part["effect"], "control_mean": part["control_mean"],
+                 "control_sd": part["control_sd"], "effect_sd": part["effect_sd"],
+                 "effect_alpha": part["effect_alpha"], "sign_ok": part["sign_ok"]}
+                for name, part in bridge["interventions"].items()]
     return out
 
 

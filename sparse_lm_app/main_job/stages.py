@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparse_lm.io import atomic_write_text
+from sparse_lm.io import write_json
 
 if TYPE_CHECKING:
     from sparse_lm_app.main_job.context import Pipeline
@@ -22,10 +22,6 @@ PRUNE_TASKS = ("single_double_quote", "bracket_counting", "set_or_string")
 SOLVED_ACCURACY = 0.6
 PAPER_TARGET = 0.15
 PAPER_ROOM = 0.02  # a model needs its own loss this far under 0.15 for a circuit at 0.15 to be worth the search
-# Learned masks are trained at the default k_coef and at twice it; the smaller circuit that reaches the target
-# is kept. A two-point search over the hyperparameter the size depends on most: on the main job's sparse model,
-# 3e-3 gave 54 nodes and 6e-3 gave 47 at the same target. `sparse-lm sweep` (CARBS) is the full search.
-K_COEF_FACTORS = (1.0, 2.0)
 
 
 # -- data, training, evaluation --------------------------------------------------------
@@ -94,14 +90,75 @@ def stage_prune(p: Pipeline) -> dict:
     from sparse_lm.loading import load_model_and_tokenizer
 
     keys = ("sparse", "dense")
-    loaded = {k: load_model_and_tokenizer(p.results[k]["model_dir"]) for k in keys}
+    dirs = {"sparse": p.results["sparse"]["model_dir"]}
+    dirs["dense"], equal_loss = equal_loss_model(p)
+    print(f"-- dense model at equal pretraining loss: {equal_loss['why']}", flush=True)
+    loaded = {k: load_model_and_tokenizer(dirs[k]) for k in keys}
+    p.prune_dirs = dirs
     rows, targets = [], {}
     for task in PRUNE_TASKS:
         task_rows, target = prune_task(p, loaded, task)
         rows += task_rows
         if target:
             targets[task] = target
-    return {"circuits": rows, "targets": targets, "summary": prune_summary(rows)}
+    for row in rows:
+        row["model_dir"] = dirs[row["model"]]
+    control = random_control(p, loaded["sparse"], targets)
+    return {"circuits": rows, "targets": targets, "summary": prune_summary(rows), "equal_loss": equal_loss,
+            "random_control": control}
+
+
+def random_control(p: Pipeline, loaded, targets: dict, task: str = "single_double_quote") -> dict:
+    """Prune a randomly initialised model of the sparse model's shape (same per-matrix weight sparsity) on the
+    quote task at the quote target: a circuit only means something if this fails."""
+    from pruning.control import random_weights_like
+    from pruning.pruner import prune
+
+    model, tok = loaded
+    target = targets.get(task, {}).get("target_loss", PAPER_TARGET)
+    control = random_weights_like(model, seed=0)
+    cfg = p.prune_config(task=task, method="learned", target_loss=target)
+    out = p.run_dir / "circuits" / f"random-{task}-learned"
+    print(f"-- random-weights control ({task}, target {target:.3f}): ", end="", flush=True)
+    c = prune(control, tok, cfg, progress=False, fallback_dir=str(out))
+    if c.failed:
+        print(f"no circuit, as it should be: {c.reason}", flush=True)
+        return {"task": task, "target_loss": target, "failed": True, "reason": c.reason}
+    m = c.metrics
+    print(f"{c.num_nodes} nodes, {c.num_edges} edges, test loss {m['circuit']['loss']:.3f} (a random model reached "
+          f"the target: the target is too loose to mean anything)", flush=True)
+    return {"task": task, "target_loss": target, "failed": False, "nodes": c.num_nodes, "edges": c.num_edges,
+            "loss": m["circuit"]["loss"], "full_loss": m["full_model"]["loss"]}
+
+
+def equal_loss_model(p: Pipeline) -> tuple[str, dict]:
+    """The dense model whose validation loss is closest to the sparse model's: its final export or one of the
+    snapshots its run saved (``train.snapshot_every``). The paper compares circuits at equal pretraining loss."""
+    sparse_loss = p.results["sparse"].get("val_loss")
+    run = Path(p.results["dense"]["run_dir"])
+    final = (p.results["dense"]["model_dir"], p.results["dense"].get("val_loss"), p.results["dense"]["steps"])
+    candidates = [final]
+    val_at: dict[int, float] = {}
+    metrics = run / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a torn last line of an interrupted run
+                continue
+            if "val_loss" in row:
+                val_at[int(row["step"])] = float(row["val_loss"])
+    for folder in sorted(run.glob("snapshots/step*")):
+        step = int(folder.name[len("step"):])
+        if step in val_at and (folder / "config.json").exists():
+            candidates.append((str(folder), val_at[step], step))
+    if sparse_loss is None or any(c[1] is None for c in candidates[:1]):
+        return final[0], {"why": "the final dense model (no validation losses to match)", "step": final[2]}
+    path, loss, step = min(candidates, key=lambda c: abs(c[1] - sparse_loss))
+    why = (f"step {step} of {final[2]} ({path}), validation loss {loss:.3f} against the sparse model's "
+           f"{sparse_loss:.3f}; {len(candidates)} candidate(s)")
+    return path, {"why": why, "path": path, "step": step, "dense_val_loss": loss, "sparse_val_loss": sparse_loss,
+                  "candidates": len(candidates)}
 
 
 def _own_losses(p: Pipeline, loaded: dict, task: str) -> tuple[dict, dict]:
@@ -163,49 +220,78 @@ def prune_task(p: Pipeline, loaded: dict, task: str) -> tuple[list[dict], dict |
 
 
 def prune_one(p: Pipeline, loaded, key: str, data, task: str, method: str, target: float, suffix: str) -> dict:
-    """One circuit: pruned, written to circuits/<model>-<task>-<method><suffix>/, summarised as a report row."""
+    """One circuit, written to circuits/<model>-<task>-<method><suffix>/ and summarised as a report row.
+
+    Learned circuits come from a CARBS sweep (`pruning.sweep`) with the same protocol and budget for
+    both models; attribution is one deterministic run."""
+    out = p.run_dir / "circuits" / f"{key}-{task}-{method}{suffix}"
+    base = p.prune_config(task=task, method=method, target_loss=target)
+    model_dir = p.prune_dirs[key]
+    print(f"   prune {key} model, {method}, target {target:.3f}: ", end="", flush=True)
+    t0 = time.perf_counter()
+    if method == "learned":
+        row = _sweep_circuit(p, base, model_dir, out)
+    else:
+        row = _single_circuit(loaded, base, data, model_dir, out)
+    row["seconds"] = time.perf_counter() - t0
+    if row["failed"]:
+        print(f"no circuit: {row['reason']}", flush=True)
+        return row
+    print(f"{row['nodes']} nodes, {row['edges']} edges; test loss {row['loss']:.3f} (model {row['full_loss']:.3f}), "
+          f"{row['ablated_loss']:.3f} with the circuit ablated; {row['seconds']:.0f}s", flush=True)
+    return row
+
+
+def _sweep_circuit(p: Pipeline, base, model_dir: str, out: Path) -> dict:
+    from pruning.sweep import Sweep, SweepConfig
+    from sparse_lm import config as configlib
+
+    cfg = configlib.from_dict(SweepConfig, {"prune": configlib.to_dict(base), "iterations": p.plan.sweep_iterations,
+                                            "workers": p.plan.sweep_workers, "objective": "nodes"})
+    sweep = Sweep(cfg, model_dir, out)  # resumes from out/sweep_state.json after an interruption
+    sweep.run(progress=False)
+    summary = sweep.summary()
+    row = {"tuned_by": "carbs", "sweep_iterations": summary["iterations"], "sweep_failures": summary["failures"],
+           "sweep_png": summary["plot"]}
+    if summary["best"] is None:
+        return {**row, "failed": True, "reason": f"no sweep run reached the target on validation in "
+                                                  f"{summary['iterations']} iterations"}
+    circuit = json.loads((out / "circuit.json").read_text())
+    return {**row, **circuit_row(circuit, out)}
+
+
+def _single_circuit(loaded, base, data, model_dir: str, out: Path) -> dict:
     from pruning.pruner import prepare_inputs, prune
     from sparse_lm import config as configlib
 
     model, tok = loaded
-    model_dir = p.results[key]["model_dir"]
-    base = p.prune_config(task=task, method=method, target_loss=target)
-    out = p.run_dir / "circuits" / f"{key}-{task}-{method}{suffix}"
-    print(f"   prune {key} model, {method}, target {target:.3f}: ", end="", flush=True)
     inputs = prepare_inputs(model, tok, base, data=data, model_dir=model_dir, fallback_dir=str(out))
-    factors = K_COEF_FACTORS if method == "learned" and p.plan.k_coef_search else (1.0,)
-    tried, best, seconds = [], None, 0.0
-    for factor in factors:
-        cfg = configlib.from_dict(type(base), {**configlib.to_dict(base), "k_coef": base.k_coef * factor})
-        c = prune(model, tok, cfg, progress=False, data=inputs[0], means=inputs[1], model_dir=model_dir,
-                  fallback_dir=str(out))
-        seconds += c.search.get("seconds", {}).get("total") or 0.0
-        for fall in c.search.get("collapses", []):
-            print(f"masks collapsed with k_coef {fall['k_coef']:g} (loss {fall['loss']:.3f} at step "
-                  f"{fall['step']}); ", end="", flush=True)
-        tried.append({"k_coef": cfg.k_coef, "k_coef_used": c.search.get("k_coef"), "failed": c.failed,
-                      "nodes": None if c.failed else c.num_nodes, "edges": None if c.failed else c.num_edges})
-        if len(factors) > 1:
-            print(f"[k_coef {cfg.k_coef:g}: " + ("failed" if c.failed else f"{c.num_nodes} nodes") + "] ", end="",
-                  flush=True)
-        if best is None or (best[0].failed and not c.failed) or (
-                not c.failed and (c.num_nodes, c.num_edges) < (best[0].num_nodes, best[0].num_edges)):
-            best = (c, cfg)
-    c, cfg = best
-    row = {"failed": c.failed, "reason": c.reason, "seconds": seconds, "k_coef": c.search.get("k_coef"),
-           "collapses": c.search.get("collapses", []), "k_coef_tried": tried}
+    c = prune(model, tok, base, progress=False, data=inputs[0], means=inputs[1], model_dir=model_dir,
+              fallback_dir=str(out))
     if c.failed:
-        print(f"no circuit: {c.reason}", flush=True)
-        return row
-    c.write(out, configlib.to_dict(cfg), model_dir)
-    m = c.metrics
-    row.update(nodes=c.num_nodes, edges=c.num_edges, total_nodes=c.total_nodes,
-               loss=m["circuit"]["loss"], accuracy=m["circuit"]["accuracy"],
-               calibrated_loss=m["circuit_calibrated"]["loss"], ablated_loss=m["circuit_ablated"]["loss"],
-               full_loss=m["full_model"]["loss"], keeps_target=c.verification["keeps_target"],
-               destroys_task=c.verification["destroys_task"], circuit_dir=str(out), html=str(out / "circuit.html"))
-    print(f"{c.num_nodes} nodes, {c.num_edges} edges; test loss {row['loss']:.3f} (model {row['full_loss']:.3f}), "
-          f"{row['ablated_loss']:.3f} with the circuit ablated; {row['seconds']:.0f}s", flush=True)
+        return {"tuned_by": "none", "failed": True, "reason": c.reason}
+    c.write(out, configlib.to_dict(base), model_dir)
+    return {"tuned_by": "none", **circuit_row(c.to_json(), out)}
+
+
+def circuit_row(c: dict, out: Path) -> dict:
+    """The report's and results.json's numbers of one written circuit (split named on each loss)."""
+    m = c["metrics"]
+    row = {"failed": False, "reason": None, "nodes": c["num_nodes"], "edges": c["num_edges"],
+           "edges_by_type": c.get("edges_by_type"), "edges_all_links": c.get("num_edges_all_links"),
+           "total_nodes": c.get("total_nodes"), "loss": m["circuit"]["loss"], "accuracy": m["circuit"]["accuracy"],
+           "calibrated_loss": m.get("circuit_calibrated", {}).get("loss"),
+           "ablated_loss": m["circuit_ablated"]["loss"], "full_loss": m["full_model"]["loss"],
+           "keeps_target": c["verification"]["keeps_target"], "destroys_task": c["verification"]["destroys_task"],
+           "circuit_dir": str(out), "html": str(out / "circuit.html")}
+    val = m.get("circuit_val", {}).get("loss")
+    if val is not None:
+        row["val_loss"] = val
+    val_cal = m.get("circuit_calibrated_val", {}).get("loss")
+    if val_cal is not None:
+        row["calibrated_val_loss"] = val_cal
+    if "faithfulness" in c:
+        row["faithfulness"] = {k: v for k, v in c["faithfulness"].items() if k != "curve"}
     return row
 
 
@@ -233,15 +319,62 @@ def prune_summary(rows: list[dict]) -> str:
 
 
 def stage_bridge(p: Pipeline) -> dict:
-    """Bridges between the two trained models (both frozen), then the quote intervention."""
+    """Bridges trained the paper's way (the trained sparse model continues with its bridges against the frozen
+    dense model), the quality gate, the quote circuit pruned from the sparse model *as bridged*, then the
+    intervention (chosen on train prompts, measured on test)."""
     out = p.launch_dir("bridge")
     p.launch("bridge", "bridge")
     summary = json.loads((out / "summary.json").read_text())
-    result = {"bridge_dir": str(out), "losses": {**{f"{k} before": v for k, v in summary["before"].items()},
-                                                 **{f"{k} after": v for k, v in summary["after"].items()}},
+    gate = summary.get("gate") or {}
+    print(f"-- bridge quality gate (validation): {'passed' if gate.get('passed') else 'FAILED'}: "
+          f"kl_d2s {gate.get('kl_d2s', float('nan')):.3f}, kl_s2d {gate.get('kl_s2d', float('nan')):.3f} vs no bridge "
+          f"{gate.get('kl_no_bridge', float('nan')):.3f}; nmse_enc {gate.get('nmse_enc', float('nan')):.3f}, "
+          f"nmse_dec {gate.get('nmse_dec', float('nan')):.3f}", flush=True)
+    result = {"bridge_dir": str(out), "mode": summary.get("mode"), "gate": gate, "trained": bool(gate.get("passed")),
+              "losses": {**{f"{k} before": v for k, v in summary["before"].items()},
+                         **{f"{k} after": v for k, v in summary["after"].items()}},
               "train_seconds": summary.get("train_seconds")}
     result.update(run_intervention(p, out))
     return result
+
+
+def _bridged_sparse_dir(bridge_dir: Path) -> Path:
+    """The sparse model as bridged (finetune/joint modes export it), else the frozen one it used."""
+    own = bridge_dir / "sparse_model"
+    if (own / "config.json").is_file():
+        return own
+    cfg = json.loads((bridge_dir / "config.json").read_text())
+    return Path(cfg["sparse"])
+
+
+def prune_bridged_quote_circuit(p: Pipeline, bridge_dir: Path, task: str) -> dict:
+    """The quote circuit of the sparse model as bridged, with the hyperparameters the prune stage's sweep found
+    best for the sparse quote circuit (one run: the sweep itself was on the pre-bridge weights)."""
+    from pruning.pruner import prune
+    from sparse_lm import config as configlib
+    from sparse_lm.loading import load_model_and_tokenizer
+
+    found = [r for r in p.results["prune"]["circuits"] if (r["model"], r["task"], r["method"]) ==
+             ("sparse", task, "learned") and not r.get("failed")]
+    if not found:
+        return {"failed": True, "reason": f"no learned {task} circuit in the sparse model to take settings from"}
+    row = sorted(found, key=lambda r: r["target_loss"])[0]  # the strictest target that was reached
+    saved = json.loads((Path(row["circuit_dir"]) / "config.json").read_text())
+    settings = {k: v for k, v in saved.items() if k not in ("job", "model")}
+    cfg = configlib.from_dict(type(p.configs["prune"]), settings)
+    model_dir = _bridged_sparse_dir(bridge_dir)
+    model, tok = load_model_and_tokenizer(model_dir)
+    out = bridge_dir / f"circuit-{task}"
+    print(f"-- prune the bridged sparse model ({model_dir}), {task}, target {cfg.target_loss:.3f}: ", end="",
+          flush=True)
+    c = prune(model, tok, cfg, progress=False, model_dir=str(model_dir), fallback_dir=str(out))
+    if c.failed:
+        print(f"no circuit: {c.reason}", flush=True)
+        return {"failed": True, "reason": c.reason}
+    c.write(out, configlib.to_dict(cfg), str(model_dir))
+    print(f"{c.num_nodes} nodes, {c.num_edges} edges, test loss {c.metrics['circuit']['loss']:.3f}", flush=True)
+    return {"failed": False, "circuit_dir": str(out), "nodes": c.num_nodes, "edges": c.num_edges,
+            "loss": c.metrics["circuit"]["loss"], "target_loss": cfg.target_loss, "model_dir": str(model_dir)}
 
 
 def run_intervention(p: Pipeline, bridge_dir: Path) -> dict:
@@ -250,39 +383,50 @@ def run_intervention(p: Pipeline, bridge_dir: Path) -> dict:
     from tasks import get_task
 
     task = "single_double_quote"
-    found = [r for r in p.results["prune"]["circuits"] if (r["model"], r["task"], r["method"]) ==
-             ("sparse", task, "learned")]
-    ok = sorted((r for r in found if not r.get("failed")), key=lambda r: r["target_loss"])
-    row = ok[0] if ok else (found[0] if found else None)  # the circuit at the strictest target that was found
-    if row is None or row.get("failed"):
-        reason = f"no learned {task} circuit in the sparse model ({(row or {}).get('reason', 'not pruned')})"
-        print(f"-- intervention skipped: {reason}", flush=True)
-        return {"summary": f"Intervention skipped: {reason}."}
+    circuit = prune_bridged_quote_circuit(p, bridge_dir, task)
+    if circuit["failed"]:
+        print(f"-- intervention skipped: {circuit['reason']}", flush=True)
+        return {"circuit": circuit, "summary": f"Intervention skipped: {circuit['reason']}."}
     pair, tokenizer, _ = load_bridge(bridge_dir, "cpu")
     out = p.run_dir / "intervention"
     try:
-        r = intervene(pair, tokenizer, get_task(task), read_circuit(row["circuit_dir"]),
-                      n_examples=p.plan.intervention_examples, n_controls=p.plan.intervention_controls)
+        r = intervene(pair, tokenizer, get_task(task), read_circuit(circuit["circuit_dir"]), select_split="train",
+                      split="test", n_examples=p.plan.intervention_examples, n_controls=p.plan.intervention_controls)
     except ValueError as e:  # e.g. a circuit without residual channels
         print(f"-- intervention skipped: {e}", flush=True)
-        return {"summary": f"Intervention skipped: {e}."}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "intervention.json", json.dumps(r, indent=2) + "\n")
+        return {"circuit": circuit, "summary": f"Intervention skipped: {e}."}
+    write_json(out / "intervention.json", r)
     png = plot_intervention(r, out / "intervention.png")
     print(format_result(r), flush=True)
+    return {"circuit": circuit, "summary": intervention_summary(r, task), "intervention_png": str(png),
+            "intervention_json": str(out / "intervention.json"), "alphas": r["alphas"],
+            "interventions": {name: _intervention_part(r[name]) for name in ("single", "multi")},
+            "select_split": r["select_split"], "eval_split": r["split"]}
+
+
+def _intervention_part(part: dict) -> dict:
+    return {"channels": part["channel"]["channels"], "site": part["channel"]["bridge_site"],
+            "dense_site": part["channel"]["dense_site"], "effect": part["dense"]["delta_p"],
+            "sparse_effect": part["sparse"]["delta_p"], "control_mean": part["control"]["delta_p"],
+            "control_sd": part["control"]["std"], "effect_sd": part["effect_sd"],
+            "effect_alpha": part["effect_alpha"], "sign_ok": part["sign_ok"]}
+
+
+def intervention_summary(r: dict, task: str) -> str:
     k = r["alphas"].index(max(r["alphas"]))
-    ch = r["channel"]
-    summary = (f"Bridges trained between the frozen sparse and dense models ({bridge_dir}). Intervention on "
-               f"{task}: sparse circuit channel {ch['channels']} at {ch['bridge_site']}, moved toward the other "
-               f"family's mean and carried through the decoder into the dense residual at {ch['dense_site']}. At "
-               f"alpha {r['alphas'][k]:g} the dense model's probability of the other family's completion changes by "
-               f"{r['dense']['delta_p'][k]:+.3f}, against {r['control']['delta_p'][k]:+.3f} ± "
-               f"{r['control']['std'][k]:.3f} for random channels of the same count and norm (the sparse model itself: "
-               f"{r['sparse']['delta_p'][k]:+.3f}).")
-    return {"summary": summary, "intervention_png": str(png), "intervention_json": str(out / "intervention.json"),
-            "dense_delta_p": r["dense"]["delta_p"], "control_delta_p": r["control"]["delta_p"],
-            "control_std": r["control"]["std"], "sparse_delta_p": r["sparse"]["delta_p"], "alphas": r["alphas"],
-            "channel": ch}
+    text = (f"Intervention on {task}: site, channels and family means chosen on {r['select_split']} prompts, the "
+            f"effect measured on {r['examples']} {r['split']} prompts. ")
+    for name, label in (("single", "The paper's single channel"), ("multi", "The circuit's best channels")):
+        part = r[name]
+        ch = part["channel"]
+        text += (f"{label} ({ch['channels']} at {ch['bridge_site']}, carried into the dense residual at "
+                 f"{ch['dense_site']}): at alpha {r['alphas'][k]:g} the dense model's P(other family's completion) "
+                 f"changes by {part['dense']['delta_p'][k]:+.3f}, against {part['control']['delta_p'][k]:+.3f} ± "
+                 f"{part['control']['std'][k]:.3f} for random channels of the same count and norm; at alpha "
+                 f"{part['effect_alpha']:g} that is {part['effect_sd'] if part['effect_sd'] is not None else float('nan'):.1f} "
+                 f"control standard deviations, sign {'as moved' if part['sign_ok'] else 'AGAINST the move'} "
+                 f"(the sparse model itself: {part['sparse']['delta_p'][k]:+.3f}). ")
+    return text.strip()
 
 
 def stage_report(p: Pipeline) -> dict:

