@@ -124,12 +124,17 @@ def load_model_and_tokenizer(path: str | Path, device: str | None = None):
     model = load_causal_lm(d)
     tokenizer = load_tokenizer_of(d)
     check_tokenizer_fits(model, tokenizer, d)
+    return _frozen(model, device), tokenizer
+
+
+def _frozen(model: torch.nn.Module, device: str | None) -> torch.nn.Module:
+    """Eval mode, no gradients on the parameters (not a flag on the module), on ``device`` when given."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if device:
         model.to(torch.device(device))
-    return model, tokenizer
+    return model
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -198,9 +203,4 @@ def load_gguf(path: str | Path, device: str | torch.device | None = None):
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if device:
-        model.to(torch.device(device))
-    return model, tokenizer
+    return _frozen(model, device), tokenizer

@@ -139,7 +139,7 @@ def test_grad_rms_modes_on_a_plain_optimizer():
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "sparse_lm", *args], env=subprocess_env(), capture_output=True, text=True,
+    return subprocess.run([PYTHON, "-m", "sparse_lm_app", *args], env=subprocess_env(), capture_output=True, text=True,
                           timeout=600, cwd=cwd)
 
 
