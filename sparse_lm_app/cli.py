@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from sparse_lm_app.commands import bridge, circuit_html, eval_tasks, intervene, official, prune, sweep, train
+from sparse_lm_app.commands import (bridge, circuit_html, eval_tasks, groundtruth, intervene, official, prune, sweep,
+                                     train)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ COMMANDS: dict[str, Command] = {
                       bridge.add_bridge_arguments, bridge.run_bridge),
     "intervene": Command("edit a sparse circuit channel and carry the change into the dense model",
                          intervene.add_intervene_arguments, intervene.run_intervene),
+    "groundtruth": Command("prune tracr-compiled RASP programs and score the circuits against the known ones",
+                           groundtruth.add_groundtruth_arguments, groundtruth.run_groundtruth),
 }
 
 # Errors the toolkit raises say what to fix; a traceback would bury that line (--traceback shows it).
