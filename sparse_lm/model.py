@@ -39,7 +39,24 @@ LOCTYPE_TO_SITE = {
 LOCTYPES = tuple(LOCTYPE_TO_SITE)
 
 
-class SparseGPTConfig(PretrainedConfig):
+class GPTNames:
+    """The names transformers' generic code (generate, pipelines) looks for, on a config that says
+    d_model, n_layer and block_size."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.block_size
+
+
+class SparseGPTConfig(GPTNames, PretrainedConfig):
     """Architecture of a SparseGPT; field names follow the released ``beeg_config.json``.
 
     The defaults are the paper's 1x shape, sink and bigram table included. A job
@@ -103,18 +120,6 @@ class SparseGPTConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", tied_unembed)
         super().__init__(**kwargs)
 
-    # transformers' generic code (generate, pipelines) looks for these names.
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layer
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.block_size
 
     def topk(self, loctype: str, width: int) -> int | None:
         """AbsTopK k for a location type, or None when that location stays dense."""

@@ -36,13 +36,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from sparse_lm.model import GPTNames
 from sparse_lm.sites import Site, SiteRegistry
 
 # Added to masked attention logits before the softmax (tracr uses -1e30 the same way).
 MASKED_LOGIT = -1e30
 
 
-class TracrConfig(PretrainedConfig):
+class TracrConfig(GPTNames, PretrainedConfig):
     """Shape of a compiled tracr model, with SparseGPT's field names where they mean the same thing."""
 
     model_type = "tracr"
@@ -68,18 +69,6 @@ class TracrConfig(PretrainedConfig):
         self.afrac = None
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layer
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.block_size
 
 
 class _SurrogateReLU(torch.autograd.Function):
