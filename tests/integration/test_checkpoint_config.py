@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from sparse_lm import config as configlib
 from sparse_lm.jobs import PretrainConfig
 from sparse_lm.trainer import TrainingError, checkpoint_job_config
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-@pytest.fixture
-def single_rank(monkeypatch):
-    """One in-process rank; the env the trainer sets is undone after the test."""
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=_free_port()).items():
-        monkeypatch.setenv(key, value)
 
 
 def _cfg(small_data, tmp_path, *extra: str) -> PretrainConfig:

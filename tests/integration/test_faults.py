@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,20 +22,6 @@ from conftest import PYTHON, ROOT, subprocess_env
 
 from sparse_lm import config as configlib
 from sparse_lm.jobs import PretrainConfig
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-@pytest.fixture
-def single_rank(monkeypatch):
-    """One in-process rank; the env the trainer sets is undone after the test."""
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=_free_port()).items():
-        monkeypatch.setenv(key, value)
 
 
 TINY = ["data.block_size=64", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_head=8",
