@@ -51,6 +51,7 @@ def _assert_adam_got_rms(result: dict, bound: float = 1.0) -> None:
     assert (before < 0.1).all(), before  # the raw gradient is far below the bound: the rescaling did act
 
 
+@pytest.mark.slow  # starts training subprocesses
 def test_two_ranks_zero2_identical_exact_l0_and_match_one_rank(small_data, tmp_path):
     """Under grad_rms_mode=normalize (the paper's), with 2 ZeRO-2 ranks and with 1 ZeRO-0 rank."""
     two = run_worker(small_data, tmp_path / "two", "--zero", "2", "--steps", "6", "--grad-rms-mode", "normalize",
@@ -83,6 +84,7 @@ def test_two_ranks_zero2_identical_exact_l0_and_match_one_rank(small_data, tmp_p
         assert close.float().mean() > 0.995, f"{name}: {(~close).sum()} of {a.numel()} entries differ"
 
 
+@pytest.mark.slow  # starts training subprocesses
 def test_resumed_run_equals_uninterrupted(small_data, tmp_path):
     full = run_worker(small_data, tmp_path / "full", "--steps", "6")[0]
     run_worker(small_data, tmp_path / "split", "--steps", "6", "--stop-at", "3")
@@ -96,6 +98,7 @@ def test_resumed_run_equals_uninterrupted(small_data, tmp_path):
         assert torch.equal(w, resumed["master"][name]), name
 
 
+@pytest.mark.slow  # starts training subprocesses
 def test_bf16_zero1_keeps_exact_l0(small_data, tmp_path):
     """DeepSpeed bf16 keeps fp32 master weights: the projection must reach them too; normalize acts on them."""
     (r,) = run_worker(small_data, tmp_path / "bf16", "--zero", "1", "--precision", "bf16", "--steps", "4",
@@ -107,6 +110,7 @@ def test_bf16_zero1_keeps_exact_l0(small_data, tmp_path):
         assert torch.equal(r["master"][name] != 0, r["module"][name] != 0), name
 
 
+@pytest.mark.slow  # starts training subprocesses
 @pytest.mark.parametrize("zero,precision,ranks", [(1, "fp32", 2), (2, "bf16", 2), (0, "bf16", 1)])
 def test_normalize_holds_rms_under_other_layouts(small_data, tmp_path, zero, precision, ranks):
     """ZeRO-1 steps one group at a time; bf16 keeps fp32 master grads (ZeRO-2; ZeRO-0 via DeepSpeed's FP16_Optimizer)."""
@@ -143,6 +147,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600, cwd=cwd)
 
 
+@pytest.mark.slow  # starts training subprocesses
 def test_missing_corpus_path_is_a_clear_error(tmp_path):
     res = _cli("pretrain", "--preset", "tiny", f"out_dir={tmp_path}", "data.source=/no/such/folder", cwd=tmp_path)
     assert res.returncode == 1
@@ -150,6 +155,7 @@ def test_missing_corpus_path_is_a_clear_error(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # starts training subprocesses
 def test_corrupt_checkpoint_is_a_clear_error_and_keeps_earlier_results(small_data, tmp_path):
     run_dir = tmp_path / "run"
     run_worker(small_data, run_dir, "--steps", "4", "--stop-at", "2")
