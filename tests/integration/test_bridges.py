@@ -394,6 +394,7 @@ def test_length_chunks_give_the_numbers_of_one_padded_batch(small_data):
                                   whole, atol=1e-5)
 
 
+@pytest.mark.slow  # the whole intervention on a trained pair (~10 s); the planted-channel unit test covers the maths
 def test_intervention_end_to_end(joint_run, tmp_path):
     from sparse_lm_app.commands.intervene import add_intervene_arguments, run_intervene
 

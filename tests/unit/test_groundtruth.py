@@ -28,6 +28,7 @@ def reverse():
     return compile_registered("reverse")
 
 
+@pytest.mark.slow  # runs tracr's own (jax) forward over every input: ~20 s
 @pytest.mark.parametrize("which", ["hist", "reverse"])
 def test_torch_forward_equals_tracr_on_whole_input_space(which, request):
     c = request.getfixturevalue(which)
