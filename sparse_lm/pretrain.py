@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from sparse_lm import config as configlib
 from sparse_lm.data import prepare
-from sparse_lm.io import remove_stale_temporaries, set_aside, unlock_run_folder
+from sparse_lm.io import remove_stale_temporaries, set_aside, unlock_run_folder, write_json
 from sparse_lm.jobs import DenseConfig, PretrainConfig, build_model
 from sparse_lm.trainer import (
     Trainer,
@@ -36,7 +36,6 @@ from sparse_lm.trainer import (
     lock_run,
     save_job_config,
     shutdown_distributed,
-    write_json,
 )
 
 # What a run leaves in its folder besides its inputs (tokenizer/, data/, which a fresh run reuses).

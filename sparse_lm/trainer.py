@@ -215,10 +215,6 @@ class Batches:
         return self.tokens[rows].long()
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 class GradRMSAdamW(torch.optim.AdamW):
     """AdamW that first holds the RMS of the whole gradient: ``normalize``, ``clip`` or ``none``.
 
@@ -715,6 +711,3 @@ def checkpoint_job_config(ckpt_dir: Path) -> tuple[str, dict[str, Any]] | None:
 def save_job_config(cfg: Any, job: str, run_dir: Path) -> None:
     configlib.save(cfg, run_dir / "config.json", job=job)
 
-
-def write_json(path: Path, obj: Any) -> None:
-    _atomic_json(path, obj)
