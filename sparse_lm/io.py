@@ -16,6 +16,29 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
+    """The object rows of a JSONL file that parse, and how many non-blank lines did not (a line torn by a
+    kill); a missing file has none."""
+    path = Path(path)
+    rows: list[dict] = []
+    torn = 0
+    if not path.exists():
+        return rows, torn
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            torn += 1
+    return rows, torn
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

@@ -33,7 +33,7 @@ import torch.distributed as dist  # noqa: E402
 
 from sparse_lm import config as configlib  # noqa: E402
 from sparse_lm import sparsity as sp  # noqa: E402
-from sparse_lm.io import atomic_dir, atomic_write_text  # noqa: E402
+from sparse_lm.io import atomic_dir, atomic_write_text, read_jsonl  # noqa: E402
 
 
 class TrainingError(RuntimeError):
@@ -535,22 +535,7 @@ class Trainer:
 
     def _read_metrics(self) -> tuple[list[dict], int]:
         """The rows of metrics.jsonl that parse, and how many lines did not (a line torn by a kill)."""
-        rows, torn = [], 0
-        if not self.metrics_path.exists():
-            return rows, torn
-        for line in self.metrics_path.read_text(errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                torn += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                torn += 1
-        return rows, torn
+        return read_jsonl(self.metrics_path)
 
     def _trim_metrics(self) -> dict:
         """On resume, drop metric lines past the restored step so curves never double back.

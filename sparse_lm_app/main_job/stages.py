@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparse_lm.io import write_json
+from sparse_lm.io import read_jsonl, write_json
 
 if TYPE_CHECKING:
     from sparse_lm_app.main_job.context import Pipeline
@@ -138,16 +138,8 @@ def equal_loss_model(p: Pipeline) -> tuple[str, dict]:
     run = Path(p.results["dense"]["run_dir"])
     final = (p.results["dense"]["model_dir"], p.results["dense"].get("val_loss"), p.results["dense"]["steps"])
     candidates = [final]
-    val_at: dict[int, float] = {}
-    metrics = run / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a torn last line of an interrupted run
-                continue
-            if "val_loss" in row:
-                val_at[int(row["step"])] = float(row["val_loss"])
+    rows, _ = read_jsonl(run / "metrics.jsonl")  # a torn last line of an interrupted run is left out
+    val_at = {int(row["step"]): float(row["val_loss"]) for row in rows if "val_loss" in row}
     for folder in sorted(run.glob("snapshots/step*")):
         step = int(folder.name[len("step"):])
         if step in val_at and (folder / "config.json").exists():
