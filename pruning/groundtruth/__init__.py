@@ -43,6 +43,8 @@ from pruning.groundtruth.torch_model import (
 from pruning.groundtruth.truth import (
     BASIS_FREE_KINDS,
     NODE_KINDS,
+    PRUNE_KINDS,
+    ROTATED_KINDS,
     GroundTruth,
     derive_ground_truth,
     means_of,
@@ -55,7 +57,10 @@ __all__ = [
     "NODE_KINDS",
     "PROGRAMS",
     "PRUNE_DEFAULTS",
+    "PRUNE_KINDS",
     "REFINE",
+    "ROTATED_KINDS",
+    "SELECT_ON_ALL",
     "TIE_BREAK_ATTRIBUTION",
     "Compiled",
     "GroundTruth",
@@ -110,7 +115,7 @@ def compile_program(program: Any, vocab: Iterable[Any], max_seq_len: int, compil
     task = build_task(tm, inputs)
     if not bool(task.answered.any()):
         raise ValueError("the program gives no answer (only None) on these inputs: nothing to prune for")
-    truth = derive_ground_truth(model, task)
+    truth = derive_ground_truth(model, task, kinds=PRUNE_KINDS)
     return Compiled(name or str(program.label), model, task, truth, tm)
 
 
@@ -129,11 +134,17 @@ def rotate(compiled: Compiled, seed: int = 0) -> Compiled:
     """The basis-free variant: the residual stream turned by a random orthogonal matrix.
 
     Outputs, q/k/v channels, attention outputs and MLP neurons are unchanged; residual
-    channels no longer line up with program variables, so the ground truth keeps only the
-    kinds that do not live in the residual (`BASIS_FREE_KINDS`: heads' q/k/v/y channels, MLP neurons).
+    channels no longer line up with program variables, so the candidate nodes are only the
+    kinds that do not live in the residual (`ROTATED_KINDS`: heads' q/k/v channels, MLP neurons).
+    The ground truth is derived again for that candidate set (on the unrotated model, which has the
+    same channels): under mean ablation a channel's role depends on which others are ablated, and here
+    the residual-side channels stay intact.
     """
+    if compiled.rotated:
+        raise ValueError(f"{compiled.name} is already rotated; rotate the unrotated compiled program")
+    truth = derive_ground_truth(compiled.model, compiled.task, kinds=ROTATED_KINDS)
     return replace(compiled, name=f"{compiled.name}-rotated", model=rotate_residual(compiled.model, seed),
-                   ground_truth=compiled.ground_truth.restrict(BASIS_FREE_KINDS), rotated=True)
+                   ground_truth=truth, rotated=True)
 
 
 def task_means(compiled: Compiled, sites: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -149,12 +160,18 @@ def task_means(compiled: Compiled, sites: Sequence[str] | None = None) -> dict[s
 # Learned masks train through smooth surrogate gradients of the compiled MLPs and attention patterns
 # (`TracrTransformer.surrogate_gradients`: (mlp_temp, attn_temp)); attribution keeps the exact gradient.
 SURROGATE: tuple[float | None, float | None] = (1.0, 10.0)
-# Opt-in (`prune_compiled(..., refine="reverse_forward")`): after the bisection, drop the kept nodes one at a time
-# (last layer first) while the train and validation splits keep the target and the full model's accuracy
-# (`pruning.objective.drop_one_by_one`), for both methods. It lifts precision (reverse: 0.84 -> 1.00 learned) but
-# finds circuits smaller than the truth where a head's q/k or a step pair is replaceable by its mean
-# (sort_freq recall 0.98 -> 0.82, sort, frac_prevs), so it is off: recall is what the ground truth asks first.
-REFINE: str | None = None
+# After the bisection, drop the kept nodes one at a time (last layer first) while the circuit keeps the target loss
+# and the full model's accuracy (`pruning.objective.drop_one_by_one`), for both methods. The bisection keeps every
+# node up to the last one the target needs in the method's order, so nodes ranked early but not needed (the second
+# neuron of a step pair, a head's q/k that a mean replaces) stay in; this removes them. Its fixed order and its
+# criterion are the ground truth's step 4 (`truth._drop_unused_channels`), so where several minimal circuits exist
+# both pick the same one. None: the pruner's bisection alone.
+REFINE: str | None = "reverse_forward"
+# The bisection and the refine step judge a circuit on every task input (the validation split is the whole task),
+# not on a quarter of it: the ground truth is a statement about every input, and a channel one rare input needs
+# (the output value "5" of count_a, produced by one input in 363) is invisible to a split that lacks that input.
+# The masks (and attribution scores) still come from the train split; the test metrics are then not held out.
+SELECT_ON_ALL = True
 # Learned masks: nodes of equal tau (many sit at the clamp, -1) are ordered by their attribution score (exact
 # gradient, train split) before the masks' running importance, which is zero where the loss went flat.
 TIE_BREAK_ATTRIBUTION = True
@@ -179,7 +196,7 @@ PRUNE_DEFAULTS: dict[str, Any] = {
 def prune_compiled(compiled: Compiled, method: str = "learned", *, progress: bool = False,
                    split_seed: int = 0, temperature: float | None = None,
                    surrogate: tuple[float | None, float | None] | None = SURROGATE, refine: str | None = REFINE,
-                   tie_break_attribution: bool = TIE_BREAK_ATTRIBUTION,
+                   tie_break_attribution: bool = TIE_BREAK_ATTRIBUTION, select_on_all: bool = SELECT_ON_ALL,
                    **prune_overrides: Any) -> Any:
     """Prune the compiled model for its task with the toolkit's pruner; return the `Circuit`.
 
@@ -195,7 +212,9 @@ def prune_compiled(compiled: Compiled, method: str = "learned", *, progress: boo
     logit scale, i.e. tracr's own 0/1 outputs). surrogate: (mlp_temp, attn_temp) of the smooth
     gradients learned masks train through (`TracrTransformer.surrogate_gradients`; None: exact).
     refine: after the bisection, drop kept nodes one at a time while the validation loss keeps the
-    target and the accuracy the full model's (`pruning.objective.drop_one_by_one`; both methods alike).
+    target and the accuracy the full model's (`pruning.objective.drop_one_by_one`; both methods alike;
+    default `REFINE`, None: off). select_on_all: the validation split (bisection, refine) is every task
+    input (`SELECT_ON_ALL`); False: the held-out quarter.
     """
     from pruning.config import PruneConfig
     from pruning.objective import SequenceObjective, node_attribution, prune_objective
@@ -209,15 +228,20 @@ def prune_compiled(compiled: Compiled, method: str = "learned", *, progress: boo
     if temperature is None:  # train on tracr's own 0/1 outputs: unsaturated, so the gradients inform
         temperature = float(compiled.model.config.logit_scale)
     objective = SequenceObjective.from_task(compiled.task, compiled.name, seed=split_seed, temperature=temperature)
+    if select_on_all:
+        objective = replace(objective, val=compiled.task)
     means = task_means(compiled)
     tie = None
     if method == "learned" and tie_break_attribution:  # exact gradients, outside the surrogate
         tie = node_attribution(compiled.model, objective, cfg, means)
     if method != "learned" or surrogate is None:
-        return prune_objective(compiled.model, objective, cfg, means, name=compiled.name, progress=progress,
-                               refine=refine, tie_break=tie)
-    with compiled.model.surrogate_gradients(*surrogate):  # forward passes stay exact
         circuit = prune_objective(compiled.model, objective, cfg, means, name=compiled.name, progress=progress,
                                   refine=refine, tie_break=tie)
-    circuit.search["surrogate_gradients"] = {"mlp_temp": surrogate[0], "attn_temp": surrogate[1]}
+    else:
+        with compiled.model.surrogate_gradients(*surrogate):  # forward passes stay exact
+            circuit = prune_objective(compiled.model, objective, cfg, means, name=compiled.name, progress=progress,
+                                      refine=refine, tie_break=tie)
+        circuit.search["surrogate_gradients"] = {"mlp_temp": surrogate[0], "attn_temp": surrogate[1]}
+    circuit.search["selection"] = ("every task input (the test split is inside it)" if select_on_all
+                                   else "the validation split")
     return circuit

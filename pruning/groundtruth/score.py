@@ -55,6 +55,18 @@ def _pr(found: set, truth: set) -> tuple[float, float]:
     return precision, recall
 
 
+def substitutions(found: set[Node], truth: set[Node], alternatives: dict[Node, list[Node]]) -> dict[Node, Node]:
+    """{kept alternative: the truth node it stands for}: for each truth node the circuit lacks, the first of its
+    recorded alternatives (`GroundTruth.alternatives`) that the circuit keeps and no other truth node claimed."""
+    used: dict[Node, Node] = {}
+    for n in sorted(truth - found):
+        for a in alternatives.get(n, []):
+            if a in found and a not in truth and a not in used:
+                used[a] = n
+                break
+    return used
+
+
 def score(circuit: Any, ground_truth: GroundTruth, node_scores: Sequence[float] | None = None) -> dict[str, Any]:
     """Node and edge precision/recall of a `Circuit` against a `GroundTruth`, and the node ROC-AUC.
 
@@ -63,6 +75,11 @@ def score(circuit: Any, ground_truth: GroundTruth, node_scores: Sequence[float] 
     logits or attribution scores of all nodes) when given, else by the circuit's
     ``search["node_scores"]`` when the pruner stored them, else by the circuit membership
     (nodes in the circuit by their score, above all others): then the AUC only measures the cut.
+
+    Where the circuit keeps a recorded alternative of a truth node it lacks (an interchangeable channel of
+    the same site: the truth with that swap keeps the answers too, `GroundTruth.alternatives`), the
+    alternative counts as that node (nodes and edges; ``substitutions`` lists them); ``node_precision_strict``
+    / ``node_recall_strict`` count without them. The ROC-AUC is over the truth as derived.
     """
     names = circuit_node_names(circuit, ground_truth)
     sites = set(circuit.node_sites)
@@ -70,8 +87,11 @@ def score(circuit: Any, ground_truth: GroundTruth, node_scores: Sequence[float] 
     truth_edges = {e for e in ground_truth.edges if e[0][0] in sites and e[1][0] in sites}
     found_nodes = {names[n.id] for n in circuit.nodes}
     found_edges: set[EdgeKey] = {(names[e.src], names[e.dst]) for e in circuit.edges}
-    node_p, node_r = _pr(found_nodes, truth_nodes)
-    edge_p, edge_r = _pr(found_edges, truth_edges)
+    strict_p, strict_r = _pr(found_nodes, truth_nodes)
+    swaps = substitutions(found_nodes, truth_nodes, ground_truth.alternatives)
+    as_truth = lambda n: swaps.get(n, n)  # a kept alternative stands for the truth channel it replaces
+    node_p, node_r = _pr({as_truth(n) for n in found_nodes}, truth_nodes)
+    edge_p, edge_r = _pr({(as_truth(a), as_truth(b)) for a, b in found_edges}, truth_edges)
     if node_scores is None:
         node_scores = (getattr(circuit, "search", None) or {}).get("node_scores")
     source = "node_scores"
@@ -85,6 +105,7 @@ def score(circuit: Any, ground_truth: GroundTruth, node_scores: Sequence[float] 
     auc = roc_auc([float(s) for s in node_scores], [names[i] in truth_nodes for i in range(len(names))])
     listed_all = circuit.edges_complete
     return {"node_precision": node_p, "node_recall": node_r, "edge_precision": edge_p, "edge_recall": edge_r,
-            "roc_auc": auc, "roc_from": source, "num_nodes": len(found_nodes), "num_truth_nodes": len(truth_nodes),
+            "node_precision_strict": strict_p, "node_recall_strict": strict_r,
+            "substitutions": sorted([list(a), list(n)] for a, n in swaps.items()), "roc_auc": auc, "roc_from": source, "num_nodes": len(found_nodes), "num_truth_nodes": len(truth_nodes),
             "num_edges": len(found_edges), "num_truth_edges": len(truth_edges), "total_nodes": len(names),
             "edges_complete": listed_all}

@@ -60,7 +60,8 @@ def test_sites_match_sparse_gpt_names(hist):
 
 def test_ground_truth_is_sufficient_and_excludes_unused(reverse):
     gt = reverse.ground_truth
-    assert gt.sufficient == {"full_model": 1.0, "truth_only": 1.0}
+    assert gt.sufficient["full_model"] == gt.sufficient["truth_only"] == gt.sufficient["keeps_answers"] == 1.0
+    assert gt.sufficient["margin"] >= 0.1 and gt.sufficient["loss_increase"] <= 1e-3
     labels = reverse.model.config.residual_labels
     read = {labels[c] for s, c in gt.nodes if s.endswith(("act_in", "resid_delta"))}
     # constant or never-used dimensions are outside the truth
@@ -256,11 +257,12 @@ def test_drop_one_by_one_removes_what_the_check_allows_in_the_given_order():
     assert mask.sum() == 0 and tried == 2
 
 
-def test_refine_and_tie_break_are_recorded_and_opt_in(hist, hist_learned):
+def test_refine_and_tie_break_are_recorded(hist, hist_learned):
     from pruning.groundtruth import prune_compiled
 
     assert hist_learned.search["tie_break"].startswith("supplied")  # the default: attribution orders equal tau
-    assert "refine" not in hist_learned.search  # off unless asked for
+    assert hist_learned.search["refine"]["order"] == "reverse_forward"  # on by default (REFINE)
+    assert "refine" not in prune_compiled(hist, "attribution", refine=None).search
     c = prune_compiled(hist, "attribution", refine="reverse_forward")
     assert c.search["refine"]["order"] == "reverse_forward" and "tie_break" not in c.search
     assert c.search["refine"]["kept"] == c.num_nodes <= c.search["refine"]["bisected"]
