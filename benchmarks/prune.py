@@ -1,16 +1,19 @@
 """Seconds per mask step, per mean-activation pass, per pruning run and per CARBS suggestion.
 
-    .venv/bin/python benchmarks/prune.py [--shapes tiny] [--precisions fp32 bf16 bf16-autocast]
-                                         [--full --steps 100] [--tokenizer DIR] [--json out.json]
+    .venv/bin/python benchmarks/prune.py [--shapes tiny] [--precisions bf16 fp32 bf16-autocast]
+                                         [--paths today fast] [--full --steps 100] [--tokenizer DIR]
+                                         [--json out.json]
 
 Models are SparseGPTs of the preset shapes with random weights, each block
 matrix cut to the preset's kept fraction (the cost of a pruning run depends on
 the shape, not on what the model learned). The mask step is the pruner's: a
 minibatch of `single_double_quote` prompts (batch 64, ~80 tokens) forward with
 every node site hooked, the task loss, backward to the mask logits; it is
-timed for every precision in the same process, interleaved, so the ratios hold
-on a shared machine (the load average is printed before and after). The mean
-activation pass is timed over 64 blocks of 256 tokens. With --full the whole
+timed for every precision and forward path (`PATHS`: "today", the plain pass
+before issue 14, and "fast", the pruner's default now) in the same process,
+interleaved, in wall and process-CPU milliseconds, so the ratios hold on a
+shared machine (the load average is printed before and after; under load read
+the CPU column). The mean activation pass is timed over 64 blocks of 256 tokens. With --full the whole
 search runs too (mask training, bisection, calibration, faithfulness curves,
 verification), and CARBS suggestions are timed with 30 observations in the
 sweep's 6-D search space. The tokenizer is a BPE 2048 trained on the standard
@@ -54,9 +57,17 @@ def sparse_model(shape: str, tok):
     return model
 
 
-def bench_mask_step(shape: str, tok, precisions: list[str], batch: int = 64, repeats: int = 3,
-                    rounds: int = 2) -> dict:
-    """ms per mask step for each precision (best of `rounds` interleaved rounds of `repeats` steps)."""
+# The mask step's forward pass before and after the fast path (pruning.forward, pruning.pruner.Ablation):
+# "today" is the plain pass of before (greedy length groups, the whole last block, autograd's addcmul),
+# "fast" the default now (least-padding chunks, the last block trimmed to the last positions, fused ablation).
+PATHS = {"today": {"fused": False, "trim": False, "min_padding": False},
+         "fast": {"fused": True, "trim": True, "min_padding": True}}
+
+
+def bench_mask_step(shape: str, tok, precisions: list[str], paths: tuple[str, ...] = tuple(PATHS), batch: int = 64,
+                    repeats: int = 3, rounds: int = 2) -> dict:
+    """ms per mask step (wall and process CPU) for each precision x forward path, best of `rounds`
+    interleaved rounds of `repeats` steps; the first precision on the first path is the baseline."""
     from pruning.config import PruneConfig
     from pruning.forward import batch_margins, load_task_data, precision_context, task_loss
     from pruning.graph import NodeIndex
@@ -66,35 +77,49 @@ def bench_mask_step(shape: str, tok, precisions: list[str], batch: int = 64, rep
     cfg = PruneConfig(n_train=batch, n_val=8, n_test=8)
     data = load_task_data(tok, cfg, max_length=model.config.block_size)
     index = NodeIndex.build(model, cfg.node_sites)
-    ablation = Ablation(model, index, torch.zeros(index.total))
-    tau = torch.full((index.total,), 0.1, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    mean_vec = 0.1 * torch.randn(index.total, generator=gen)
+    # some nodes closed, as during training, so that the gradients compared below mean something
+    tau = (0.3 + torch.randn(index.total, generator=gen)).clamp(-1, 1).requires_grad_(True)
     mb = data.train.select(torch.arange(min(batch, len(data.train))))
+    variants = [f"{p}/{path}" for path in paths for p in precisions]
+    ablations = {path: Ablation(model, index, mean_vec, fused=PATHS[path]["fused"]) for path in paths}
 
-    def step() -> torch.Tensor:
+    def step(path: str) -> torch.Tensor:
         mask = heaviside_ste(tau, 1.0)
+        ablation = ablations[path]
         ablation.set(mask)
-        margin = batch_margins(model, mb, chunk_tokens=cfg.chunk_tokens)[0]
+        with ablation.installed(all_sites=True):
+            margin = batch_margins(model, mb, chunk_tokens=cfg.chunk_tokens, trim=PATHS[path]["trim"],
+                                   min_padding=PATHS[path]["min_padding"])[0]
         (task_loss(margin, mb.family) + 1e-3 * mask.sum()).backward()
         grad, tau.grad = tau.grad, None
         return grad
 
-    times: dict[str, list[float]] = {p: [] for p in precisions}
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     grads: dict[str, torch.Tensor] = {}
-    with ablation.installed(torch.ones(index.total), all_sites=True):
-        for _ in range(rounds):
-            for precision in precisions:
-                with precision_context(precision, "cpu", model):
-                    grads[precision] = step()  # warm-up (and the gradient compared below)
-                    t0 = time.perf_counter()
-                    for _ in range(repeats):
-                        step()
-                    times[precision].append(1000 * (time.perf_counter() - t0) / repeats)
-    ms = {p: min(v) for p, v in times.items()}
-    base = precisions[0]
-    cos = {p: float(torch.nn.functional.cosine_similarity(grads[p], grads[base], dim=0)) for p in precisions}
+    for _ in range(rounds):
+        for v in variants:
+            precision, path = v.split("/")
+            with precision_context(precision, "cpu", model):
+                grads[v] = step(path)  # warm-up (and the gradient compared below)
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(repeats):
+                    step(path)
+                wall[v].append(1000 * (time.perf_counter() - t0) / repeats)
+                cpu[v].append(1000 * (time.process_time() - c0) / repeats)
+    ms = {v: min(t) for v, t in wall.items()}
+    cpu_ms = {v: min(t) for v, t in cpu.items()}
+    base = variants[0]
+    cos = {v: float(torch.nn.functional.cosine_similarity(grads[v], grads[base], dim=0)) for v in variants}
+    fast_vs_today = {}
+    if "today" in paths and "fast" in paths:
+        fast_vs_today = {p: {"wall": ms[f"{p}/today"] / ms[f"{p}/fast"], "cpu": cpu_ms[f"{p}/today"] / cpu_ms[f"{p}/fast"]}
+                         for p in precisions}
     return {"shape": shape, "batch": len(mb), "mean_prompt_tokens": float(mb.lengths.float().mean()),
-            "ms_per_mask_step": ms, "speedup_vs_" + base: {p: ms[base] / ms[p] for p in precisions},
-            "mask_grad_cosine_vs_" + base: cos}
+            "ms_per_mask_step": ms, "cpu_ms_per_mask_step": cpu_ms, "speedup_vs_" + base: {v: ms[base] / ms[v] for v in variants},
+            "fast_vs_today": fast_vs_today, "mask_grad_cosine_vs_" + base: cos}
 
 
 def bench_means(shape: str, tok, n_blocks: int = 64, block_len: int = 256) -> dict:
@@ -107,9 +132,10 @@ def bench_means(shape: str, tok, n_blocks: int = 64, block_len: int = 256) -> di
     index = NodeIndex.build(model, PruneConfig().node_sites)
     blocks = torch.randint(0, len(tok), (n_blocks, min(block_len, model.config.block_size)),
                            generator=torch.Generator().manual_seed(0))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     compute_means(model, index.names, blocks)
-    return {"shape": shape, "blocks": n_blocks, "block_len": blocks.shape[1], "means_s": time.perf_counter() - t0}
+    return {"shape": shape, "blocks": n_blocks, "block_len": blocks.shape[1], "means_s": time.perf_counter() - t0,
+            "means_cpu_s": time.process_time() - c0}
 
 
 def bench_prune(shape: str, steps: int, tok, workdir: str) -> dict:
@@ -167,8 +193,10 @@ def bench_carbs(n_obs: int = 30, repeats: int = 10) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["tiny"])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "bf16-autocast"],
-                    help="mask-step precisions, the first is the baseline of the ratios")
+    ap.add_argument("--precisions", nargs="+", default=["bf16", "fp32"],
+                    help="mask-step precisions (the pruner's default bf16 first: the baseline of the ratios)")
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS),
+                    help="forward paths of the mask step: today's plain pass and the fast one")
     ap.add_argument("--full", action="store_true", help="also whole pruning runs and CARBS suggestions")
     ap.add_argument("--steps", type=int, default=100, help="mask-training steps per --full run (default config: 200)")
     ap.add_argument("--tokenizer", default=None, help="a saved tokenizer folder instead of training one")
@@ -184,20 +212,22 @@ def main() -> None:
 
         tok = train_tokenizer(load_corpus("stdlib"), vocab_size=2048)
     out: dict = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()}
-    out["mask_step"] = [bench_mask_step(shape, tok, args.precisions) for shape in args.shapes]
+    out["mask_step"] = [bench_mask_step(shape, tok, args.precisions, args.paths) for shape in args.shapes]
     out["means"] = [bench_means(shape, tok) for shape in args.shapes]
     out["load_after"] = os.getloadavg()
     print(json.dumps(out, indent=1), flush=True)
     print(f"\nload average before {out['load_before'][0]:.1f}, after {out['load_after'][0]:.1f} "
           f"({os.cpu_count()} cores, {out['threads']} threads)")
-    print("\n| shape | " + " | ".join(f"{p} ms/step" for p in args.precisions) + " | " +
-          " | ".join(f"{p} speedup" for p in args.precisions[1:]) + " | means (s) |")
-    print("|---" * (2 * len(args.precisions) + 1) + "|")
+    variants = list(out["mask_step"][0]["ms_per_mask_step"])
+    print("\n| shape | " + " | ".join(f"{v} ms/step (CPU ms)" for v in variants) + " | " +
+          " | ".join(f"{p} fast vs today (wall, CPU)" for p in out["mask_step"][0]["fast_vs_today"]) +
+          " | means s (CPU s) |")
+    print("|---" * (len(variants) + len(out["mask_step"][0]["fast_vs_today"]) + 2) + "|")
     for r, m in zip(out["mask_step"], out["means"]):
-        base = args.precisions[0]
-        print(f"| {r['shape']} | " + " | ".join(f"{r['ms_per_mask_step'][p]:.0f}" for p in args.precisions) + " | "
-              + " | ".join(f"{r['speedup_vs_' + base][p]:.2f}x" for p in args.precisions[1:])
-              + f" | {m['means_s']:.1f} |")
+        print(f"| {r['shape']} | " + " | ".join(f"{r['ms_per_mask_step'][v]:.0f} ({r['cpu_ms_per_mask_step'][v]:.0f})"
+                                                for v in variants) + " | "
+              + " | ".join(f"{x['wall']:.2f}x, {x['cpu']:.2f}x" for x in r["fast_vs_today"].values())
+              + f" | {m['means_s']:.1f} ({m['means_cpu_s']:.1f}) |")
     if args.full:
         rows = []
         with tempfile.TemporaryDirectory() as work:
