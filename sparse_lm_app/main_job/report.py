@@ -70,6 +70,14 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
                          _num(d.get("loss"))])
         sections.append(("Tasks", "Binary next-token tasks, test split; loss is the two-token cross-entropy "
                                   "(chance: ln 2 = 0.693).", rows, []))
+        if ev.get("resolution"):  # the bridged pipeline: the tasks through the contract against the dense tokenizer
+            rows = [["task", "resolves", "tokens", "checked", "dropped (contract)", "longer than context", "scored"]]
+            for r in ev["resolution"]:
+                rows.append([r["task"], "yes" if r["resolved"] else "no: " + r.get("error", ""),
+                             " / ".join(r.get("tokens", [])) or "–", _num(r.get("checked"), "d"),
+                             _num(r.get("dropped"), "d"), _num(r.get("too_long"), "d"), _num(r.get("examples"), "d")])
+            sections.append(("Task resolution", ev.get("summary", "") + " Both models are scored on the same kept "
+                             "examples (the tokenizer is the dense model's, shared by the sparse model).", rows, []))
     pr = results.get("prune")
     if pr:
         rows = [["task", "model", "method", "tuned by", "target", "nodes", "edges", "loss val", "loss test",
@@ -103,6 +111,22 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
                      (f"no circuit ({ctrl['reason']})." if ctrl["failed"] else
                       f"{ctrl['nodes']} nodes reach the target: the target is too loose to mean anything."))
         sections.append(("Circuits", text, rows, sweeps))
+    circ = results.get("circuit")
+    if circ:  # the bridged pipeline's quote circuit, pruned from the sparse model as bridged
+        rows = [["task", "target", "nodes", "edges", "loss val", "loss test", "calibrated test", "ablating it (test)",
+                 "page"],
+                [circ["task"], _num(circ.get("target_loss")), _num(circ.get("nodes"), "d"),
+                 _num(circ.get("edges"), "d"), _num(circ.get("val_loss")), _num(circ.get("loss")),
+                 _num(circ.get("calibrated_loss")), _num(circ.get("ablated_loss")),
+                 _rel(circ.get("html"), run_dir) or "–"]]
+        text = ("Learned masks on the sparse model as bridged (its weights after training with the bridges), one run "
+                f"at the prune preset's settings; target {circ.get('target_why', _num(circ.get('target_loss')))}.")
+        if circ.get("own"):
+            text += (f" The model itself: test accuracy {_num(circ['own'].get('accuracy'))}, loss "
+                     f"{_num(circ['own'].get('loss'))}.")
+        if circ.get("failed"):
+            text += f" No circuit: {circ.get('reason')}."
+        sections.append(("Circuit of the bridged sparse model", text, rows if not circ.get("failed") else [], []))
     br = results.get("bridge")
     if br:
         gate = br.get("gate") or {}

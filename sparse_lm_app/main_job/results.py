@@ -6,6 +6,7 @@ partial run has a partial file. Keys a stage did not produce are absent, never p
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -59,6 +60,26 @@ def _model_entry(p: Pipeline, key: str) -> dict[str, Any]:
     return entry
 
 
+def _bridged_models(p: Pipeline) -> dict[str, Any]:
+    """The bridged pipeline's two models: the sparse model as bridged (trained with its bridges) and the dense model
+    it was bridged to, with their task numbers from the eval stage."""
+    ev = p.results["eval"]
+    bridge = p.results.get("bridge") or {}
+    models: dict[str, Any] = {}
+    for key in ("sparse", "dense"):
+        entry: dict[str, Any] = {"path": ev["models"][key]}
+        if key == "sparse":
+            entry["trained_with_bridges"] = True
+            summary = Path(bridge.get("bridge_dir", "")) / "summary.json"
+            if bridge.get("bridge_dir") and summary.is_file():
+                entry["steps"] = json.loads(summary.read_text()).get("steps")
+        entry["tasks"] = {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": ev["split"],
+                                        "examples": row["examples"]}
+                          for row in ev.get(key, []) if _finite(row.get("accuracy")) and _finite(row.get("loss"))}
+        models[key] = entry
+    return models
+
+
 def _circuit_entry(row: dict[str, Any]) -> dict[str, Any]:
     entry = {"model": row["model"], "task": row["task"], "method": row["method"], "tuned_by": row.get("tuned_by"),
              "target_loss": row.get("target_loss"), "failed": bool(row.get("failed"))}
@@ -86,8 +107,18 @@ def build_results(p: Pipeline) -> dict[str, Any]:
     out: dict[str, Any] = {"format": FORMAT, "preset": p.args.preset, "git_commit": _git_commit(ROOT),
                            "machine": _machine(), "stages": dict(p.timings)}
     models = {k: _model_entry(p, k) for k in ("sparse", "dense") if k in p.results}
+    if not models and "models" in p.results.get("eval", {}):  # the bridged pipeline: no pretraining stages
+        models = _bridged_models(p)
     if models:
         out["models"] = models
+    resolution = p.results.get("eval", {}).get("resolution")
+    if resolution:  # which tasks resolve against the (dense model's) tokenizer, and what each drops
+        ev = p.results["eval"]
+        out["task_resolution"] = {"tokenizer": ev.get("tokenizer"), "split": ev.get("split"),
+                                  "context": ev.get("context"), "tasks": {
+                                      r["task"]: {k: v for k, v in r.items() if k != "task"} for r in resolution}}
+    if "circuit" in p.results:  # the bridged pipeline's quote circuit, pruned from the sparse model as bridged
+        out["circuits"] = [{**_circuit_entry(p.results["circuit"]), "bridged": True}]
     if "prune" in p.results:
         pr = p.results["prune"]
         out["circuits"] = [_circuit_entry(r) for r in pr["circuits"]]
@@ -115,14 +146,18 @@ def build_results(p: Pipeline) -> dict[str, Any]:
             entry["nmse"] = max(gate["nmse_enc"], gate["nmse_dec"])
         entry["split"] = "val"
         out["bridge"] = entry
-        if bridge.get("interventions"):
+        inter = p.results.get("intervene") or bridge  # the bridged pipeline runs it as a stage of its own
+        if inter.get("interventions"):
             out["interventions"] = [
                 {"task": "single_double_quote", "kind": name, "channels": len(part["channels"]), "site": part["site"],
-                 "selection_split": bridge["select_split"], "eval_split": bridge["eval_split"],
-                 "alpha": bridge["alphas"], "effect": part["effect"], "control_mean": part["control_mean"],
+                 "selection_split": inter["select_split"], "eval_split": inter["eval_split"],
+                 "alpha": inter["alphas"], "effect": part["effect"], "control_mean": part["control_mean"],
                  "control_sd": part["control_sd"], "effect_sd": part["effect_sd"],
                  "effect_alpha": part["effect_alpha"], "sign_ok": part["sign_ok"]}
-                for name, part in bridge["interventions"].items()]
+                for name, part in inter["interventions"].items()]
+            if inter.get("dense_precision"):
+                for entry in out["interventions"]:
+                    entry["dense_precision"] = inter["dense_precision"]
     return out
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from sparse_lm_app.main_job.context import Pipeline
 
 PRUNE_TASKS = ("single_double_quote", "bracket_counting", "set_or_string")
+QUOTE_TASK = "single_double_quote"  # the task of the intervention (the paper's quote circuit)
 # A model below this test accuracy on a task is at chance there: it has no task behaviour to find a circuit for.
 SOLVED_ACCURACY = 0.6
 PAPER_TARGET = 0.15
@@ -314,6 +315,13 @@ def stage_bridge(p: Pipeline) -> dict:
     """Bridges trained the paper's way (the trained sparse model continues with its bridges against the frozen
     dense model), the quality gate, the quote circuit pruned from the sparse model *as bridged*, then the
     intervention (chosen on train prompts, measured on test)."""
+    result = stage_bridge_train(p)
+    result.update(run_intervention(p, Path(result["bridge_dir"])))
+    return result
+
+
+def stage_bridge_train(p: Pipeline) -> dict:
+    """The bridge job with the saved config (mode as configured) and its quality gate; nothing after it."""
     out = p.launch_dir("bridge")
     p.launch("bridge", "bridge")
     summary = json.loads((out / "summary.json").read_text())
@@ -326,7 +334,6 @@ def stage_bridge(p: Pipeline) -> dict:
               "losses": {**{f"{k} before": v for k, v in summary["before"].items()},
                          **{f"{k} after": v for k, v in summary["after"].items()}},
               "train_seconds": summary.get("train_seconds")}
-    result.update(run_intervention(p, out))
     return result
 
 
@@ -369,31 +376,157 @@ def prune_bridged_quote_circuit(p: Pipeline, bridge_dir: Path, task: str) -> dic
             "loss": c.metrics["circuit"]["loss"], "target_loss": cfg.target_loss, "model_dir": str(model_dir)}
 
 
-def run_intervention(p: Pipeline, bridge_dir: Path) -> dict:
+def run_intervention(p: Pipeline, bridge_dir: Path, circuit: dict | None = None) -> dict:
+    """The quote intervention through the bridge in `bridge_dir`, with `circuit` (a circuit row: failed, reason,
+    circuit_dir) or, when None, the quote circuit pruned here from the sparse model as bridged."""
     from bridges.intervene import format_result, intervene, plot_intervention, read_circuit
     from bridges.train import load_bridge
+    from pruning.forward import precision_context
     from tasks import get_task
 
-    task = "single_double_quote"
-    circuit = prune_bridged_quote_circuit(p, bridge_dir, task)
+    task = QUOTE_TASK
+    if circuit is None:
+        circuit = prune_bridged_quote_circuit(p, bridge_dir, task)
     if circuit["failed"]:
         print(f"-- intervention skipped: {circuit['reason']}", flush=True)
         return {"circuit": circuit, "summary": f"Intervention skipped: {circuit['reason']}."}
     pair, tokenizer, _ = load_bridge(bridge_dir, "cpu")
     out = p.run_dir / "intervention"
+    precision = p.plan.intervention_precision
+    extra = {} if p.plan.intervention_alphas is None else {"alphas": p.plan.intervention_alphas}
+    if precision != "fp32":
+        pair.dense.requires_grad_(False)  # bf16 linears cast the (frozen) weights once
     try:
-        r = intervene(pair, tokenizer, get_task(task), read_circuit(circuit["circuit_dir"]), select_split="train",
-                      split="test", n_examples=p.plan.intervention_examples, n_controls=p.plan.intervention_controls)
+        with precision_context(precision, "cpu", pair.dense):  # the dense model's linear layers only
+            r = intervene(pair, tokenizer, get_task(task), read_circuit(circuit["circuit_dir"]), select_split="train",
+                          split="test", n_examples=p.plan.intervention_examples,
+                          n_controls=p.plan.intervention_controls, **extra)
     except ValueError as e:  # e.g. a circuit without residual channels
         print(f"-- intervention skipped: {e}", flush=True)
         return {"circuit": circuit, "summary": f"Intervention skipped: {e}."}
+    if precision != "fp32":
+        r["dense_precision"] = precision
     write_json(out / "intervention.json", r)
     png = plot_intervention(r, out / "intervention.png")
     print(format_result(r), flush=True)
     return {"circuit": circuit, "summary": intervention_summary(r, task), "intervention_png": str(png),
             "intervention_json": str(out / "intervention.json"), "alphas": r["alphas"],
             "interventions": {name: _intervention_part(r[name]) for name in ("single", "multi")},
-            "select_split": r["select_split"], "eval_split": r["split"]}
+            "select_split": r["select_split"], "eval_split": r["split"],
+            **({"dense_precision": precision} if precision != "fp32" else {})}
+
+
+# -- the bridged pipeline: a pretrained dense model, a sparse model trained from scratch with its bridges ---------
+
+
+def stage_bridged_eval(p: Pipeline) -> dict:
+    """Both models of the bridge on the tasks, through the tokenization contract against their one tokenizer (the
+    dense model's): which tasks resolve, how many test examples each drops (the contract) or leaves out (longer
+    than the shorter context of the two models), then both models' loss and accuracy on the same kept examples."""
+    import torch
+
+    from bridges.models import load_dense
+    from pruning.forward import evaluate, loss_and_accuracy
+    from sparse_lm.arch import context_length
+    from sparse_lm.loading import load_model_and_tokenizer
+    from tasks import TaskTokenizationError, format_table, get_task, list_tasks, resolve_task
+    from tasks.contract import encode_plain, tokenizer_label
+    from tasks.loss import encode_examples
+
+    bridge_dir = Path(p.results["bridge"]["bridge_dir"])
+    meta = json.loads((bridge_dir / "bridge_config.json").read_text())
+    sparse_dir = _bridged_sparse_dir(bridge_dir)
+    sparse, tok = load_model_and_tokenizer(sparse_dir)
+    dense, _, dense_path = load_dense(meta["dense_model"])
+    models = {"sparse": sparse, "dense": dense}
+    limit = min(context_length(m) for m in models.values())
+    names = list(p.plan.eval_tasks or list_tasks())
+    rows: dict[str, list[dict]] = {k: [] for k in models}
+    resolution = []
+    for name in names:
+        task = get_task(name)
+        try:
+            resolved = resolve_task(task, tok, task.examples("test", p.plan.eval_examples, 0))
+        except TaskTokenizationError as e:  # the tokenizer cannot express the task: a row with its reason
+            error = str(e).splitlines()[0]
+            resolution.append({"task": task.name, "resolved": False, "error": error})
+            for k in models:
+                rows[k].append({"task": task.name, "loss": float("nan"), "accuracy": float("nan"), "examples": 0,
+                                "dropped": "-", "error": error})
+            continue
+        lengths = [len(ids) for ids in encode_plain(tok, [ex.prompt for ex in resolved.examples])]
+        kept = [ex for ex, n in zip(resolved.examples, lengths) if n <= limit]
+        res = {"task": task.name, "resolved": True, "completions": list(resolved.completions),
+               "tokens": list(resolved.token_strings), "checked": resolved.checked, "dropped": resolved.dropped,
+               "too_long": len(resolved.examples) - len(kept), "examples": len(kept)}
+        resolution.append(res)
+        if len({ex.family for ex in kept}) < 2:
+            error = f"no prompts of one family fit the context of {limit} tokens"
+            res["error"] = error
+            for k in models:
+                rows[k].append({"task": task.name, "loss": float("nan"), "accuracy": float("nan"), "examples": 0,
+                                "dropped": resolved.dropped + res["too_long"], "error": error})
+            continue
+        batch = encode_examples(tok, kept, max_length=limit)
+        for k, model in models.items():
+            with torch.no_grad():
+                m = loss_and_accuracy(evaluate(model, batch)[0], batch.family)
+            rows[k].append({"task": task.name, "loss": m["loss"], "accuracy": m["accuracy"], "examples": len(kept),
+                            "dropped": resolved.dropped + res["too_long"]})
+    ok = [r for r in resolution if r["resolved"]]
+    summary = (f"{len(ok)} of {len(resolution)} tasks resolve against the tokenizer {tokenizer_label(tok)}; of "
+               f"{sum(r['checked'] for r in ok)} test examples checked, {sum(r['dropped'] for r in ok)} break the "
+               f"contract and {sum(r['too_long'] for r in ok)} are longer than the {limit}-token context")
+    failed = [r["task"] for r in resolution if not r["resolved"]]
+    if failed:
+        summary += f"; not resolved: {', '.join(failed)}"
+    print(f"\n{summary}.\n{format_table([{k: v for k, v in r.items() if k != 'completions'} for r in resolution])}",
+          flush=True)
+    for k in models:
+        print(f"\ntasks, {k} model, test split:\n{format_table(rows[k])}", flush=True)
+    return {**rows, "models": {"sparse": str(sparse_dir), "dense": str(dense_path)}, "split": "test",
+            "tokenizer": tokenizer_label(tok), "context": limit, "resolution": resolution, "summary": summary + "."}
+
+
+def stage_bridged_circuit(p: Pipeline) -> dict:
+    """The quote circuit of the sparse model as bridged: learned masks, one run at the prune preset's settings,
+    at the paper's 0.15 nats when the model reaches it with room, else at its own loss + the plan's margin."""
+    from pruning.forward import PruneError
+    from sparse_lm.loading import load_model_and_tokenizer
+    from tasks.contract import TaskTokenizationError
+
+    task = QUOTE_TASK
+    bridge_dir = Path(p.results["bridge"]["bridge_dir"])
+    model_dir = _bridged_sparse_dir(bridge_dir)
+    loaded = load_model_and_tokenizer(model_dir)
+    row = {"model": "sparse", "task": task, "method": "learned", "bridged": True, "model_dir": str(model_dir)}
+    try:
+        data, own = _own_losses(p, {"sparse": loaded}, task)
+    except (TaskTokenizationError, PruneError) as e:
+        print(f"-- {task}: {e}", flush=True)
+        return {**row, "failed": True, "reason": str(e)}
+    target, why = common_target(own, margin=p.plan.target_margin)
+    cfg = p.prune_config(task=task, method="learned", target_loss=target)
+    out = bridge_dir / f"circuit-{task}"
+    mine = own["sparse"]
+    print(f"-- prune the bridged sparse model ({model_dir}), {task}: own test accuracy {mine['accuracy']:.2f}, "
+          f"loss {mine['loss']:.3f}; target loss {why}: ", end="", flush=True)
+    t0 = time.perf_counter()
+    found = _single_circuit(loaded, cfg, data["sparse"], str(model_dir), out)
+    row.update(own=mine, target_loss=target, target_why=why, seconds=time.perf_counter() - t0, **found)
+    if not row["failed"]:
+        written = json.loads((out / "circuit.json").read_text())
+        row["target_loss"] = written.get("target_loss", target)  # the pruner's own (prune.relative_margin wins)
+        print(f"{row['nodes']} nodes, {row['edges']} edges; test loss {row['loss']:.3f} (model "
+              f"{row['full_loss']:.3f}), {row['ablated_loss']:.3f} with the circuit ablated", flush=True)
+    else:
+        print(f"no circuit: {row['reason']}", flush=True)
+    return row
+
+
+def stage_bridged_intervention(p: Pipeline) -> dict:
+    """The quote intervention through the bridge with the circuit of the `circuit` stage."""
+    return run_intervention(p, Path(p.results["bridge"]["bridge_dir"]), circuit=p.results["circuit"])
 
 
 def _intervention_part(part: dict) -> dict:
@@ -424,6 +557,9 @@ def intervention_summary(r: dict, task: str) -> str:
 def stage_report(p: Pipeline) -> dict:
     from sparse_lm_app.main_job.report import write_report
 
-    md, page = write_report(p.results, p.run_dir)
+    results = dict(p.results)
+    if "intervene" in results:  # the bridged pipeline: the report shows the gate and the intervention together
+        results["bridge"] = {**results.get("bridge", {}), **results["intervene"]}
+    md, page = write_report(results, p.run_dir)
     print(f"report: {page} and {md}", flush=True)
     return {"report_html": str(page), "report_md": str(md)}
