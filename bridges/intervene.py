@@ -239,8 +239,11 @@ def _effect(delta_p: Sequence[float], control_mean: Sequence[float], control_sd:
 
 def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] = DEFAULT_ALPHAS, n_channels: int = 8,
               n_controls: int = 8, split: str = "test", select_split: str = "train", n_examples: int = 256,
-              seed: int = 0, check_model: bool = True) -> dict:
+              seed: int = 0, check_model: bool = True, eval_task=None) -> dict:
     """Run the sweep (see the module docstring); returns the JSON-able result.
+
+    ``eval_task`` (default `task`) gives the ``split`` prompts ΔP is measured on, e.g. the same
+    decision on real code (`tasks.real_code.code_quote_task`); selection always reads `task`.
 
     The site, the channels and the two family means are chosen on ``select_split`` prompts;
     ΔP is measured on ``split`` prompts (no selection on the evaluation data unless the two are
@@ -260,7 +263,8 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
     limit = min(contexts) if contexts else None
     device = next(pair.bridges.parameters()).device
     sel_batch, sel_resolved, sel_too_long = _prompts(task, tokenizer, select_split, n_examples, seed, limit, device)
-    batch, resolved, too_long = _prompts(task, tokenizer, split, n_examples, seed, limit, device)
+    measured = task if eval_task is None else eval_task
+    batch, resolved, too_long = _prompts(measured, tokenizer, split, n_examples, seed, limit, device)
     family = batch.family.cpu()
 
     sparse_index = {p.sparse: i for i, p in enumerate(pair.pairs)}
@@ -373,7 +377,8 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
         "tokens": list(resolved.token_strings),
         "split": split,
         "select_split": select_split,
-        "selected_on_evaluation_data": split == select_split,
+        "selected_on_evaluation_data": split == select_split and measured is task,
+        "eval_task": measured.name,
         "examples": len(family),
         "examples_by_family": [int((family == f).sum()) for f in (0, 1)],
         "select_examples": len(sel_batch.lengths),
@@ -456,6 +461,7 @@ def _format_part(name: str, r: dict, alphas: Sequence[float]) -> list[str]:
 def format_result(r: dict) -> str:
     lines = [f"== intervention {r['task']}: chosen on {r.get('select_split', '?')} prompts, measured on "
              f"{r['examples']} {r['split']} prompts"
+             + (f" of {r['eval_task']}" if r.get("eval_task", r["task"]) != r["task"] else "")
              + (" (WARNING: the same split: selection on the evaluation data)" if r.get("selected_on_evaluation_data")
                 else ""),
              f"   task accuracy: dense {r['dense']['task_accuracy']:.3f}, sparse {r['sparse']['task_accuracy']:.3f}; "

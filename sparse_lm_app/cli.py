@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from sparse_lm_app.commands import (bridge, circuit_html, eval_tasks, groundtruth, intervene, official, prune, sweep,
-                                     train)
+from sparse_lm_app.commands import (bridge, circuit_eval, circuit_html, eval_tasks, groundtruth, intervene, official,
+                                     prune, sweep, train)
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ COMMANDS: dict[str, Command] = {
                      prune.add_prune_arguments, prune.run_prune),
     "sweep": Command("tune the pruner's hyperparameters with CARBS for the smallest circuit",
                      sweep.add_sweep_arguments, sweep.run_sweep),
+    "circuit-eval": Command("score a saved circuit on a task's prompts and on string literals of real code",
+                            circuit_eval.add_circuit_eval_arguments, circuit_eval.run_circuit_eval),
     "circuit-html": Command("render a circuit.json as a self-contained HTML page",
                             circuit_html.add_circuit_html_arguments, circuit_html.run_circuit_html),
     "bridge": Command("train bridges between a dense transformers model and a sparse model",

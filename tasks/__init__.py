@@ -44,6 +44,7 @@ from tasks.contract import ResolvedTask, TaskTokenizationError, resolve_task
 from tasks.evaluate import describe_tasks, evaluate_task, evaluate_tasks, evaluate_tasks_or_report, format_table
 from tasks.jsonl import load_jsonl_task
 from tasks.loss import TaskBatch, binary_task_loss, encode_examples, family_mean, task_logits_last
+from tasks.real_code import CodeQuoteTask, code_quote_examples, code_quote_task
 from tasks.registry import UnknownTaskError, add_task, get_task, list_tasks, register_task
 from tasks.task import DEFAULT_SIZES, SPLITS, Example, Split, Task, split_of
 
@@ -52,6 +53,7 @@ import tasks.library  # noqa: F401  (registers the built-in tasks)
 __all__ = [
     "DEFAULT_SIZES",
     "SPLITS",
+    "CodeQuoteTask",
     "Example",
     "ResolvedTask",
     "Split",
@@ -61,6 +63,8 @@ __all__ = [
     "UnknownTaskError",
     "add_task",
     "binary_task_loss",
+    "code_quote_examples",
+    "code_quote_task",
     "describe_tasks",
     "encode_examples",
     "evaluate_task",

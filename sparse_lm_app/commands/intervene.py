@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from sparse_lm_app.commands.eval_tasks import add_code_arguments
+
+
 def add_intervene_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bridge", required=True, metavar="DIR", help="bridge folder (from `sparse-lm bridge`)")
     p.add_argument("--circuit", required=True, metavar="DIR", help="circuit folder with circuit.json (from the pruner)")
@@ -24,6 +27,12 @@ def add_intervene_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-split", default="train", choices=["train", "val", "test"],
                    help="task split of the prompts that pick the site, the channels and the family means (keep it "
                         "apart from --split: choosing on the evaluation prompts inflates the effect)")
+    p.add_argument("--code", default=None, metavar="DIR",
+                   help="measure on string literals of real .py files under DIR instead (their --split, split by "
+                        "file; 'site-packages': this interpreter's installed packages); the site, channels and "
+                        "family means are still chosen on the synthetic task's --select-split prompts "
+                        "(single_double_quote only)")
+    add_code_arguments(p)
     p.add_argument("--examples", type=int, default=256, help="prompts (balanced over the two families)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the control draws")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -42,10 +51,19 @@ def run_intervene(args) -> int:
     circuit = read_circuit(args.circuit)  # before the models load: a wrong path fails at once
     task = get_task(args.task)
     pair, tokenizer, _ = load_bridge(args.bridge, dev)
+    eval_task = None
+    if args.code:
+        from sparse_lm_app.commands.eval_tasks import code_task
+
+        if task.name != "single_double_quote":
+            raise ValueError(f"--code measures single_double_quote on real code; the task is {task.name!r}")
+        eval_task = code_task(args, tokenizer)
     alphas = [float(a) for a in str(args.alphas).split(",") if a.strip()] if args.alphas else DEFAULT_ALPHAS
     result = intervene(pair, tokenizer, task, circuit, alphas=alphas, n_channels=args.channels,
                        n_controls=args.controls, split=args.split, select_split=args.select_split,
-                       n_examples=args.examples, seed=args.seed)
+                       n_examples=args.examples, seed=args.seed, eval_task=eval_task)
+    if eval_task is not None:
+        result["code_sample"] = eval_task.sample(args.split, args.examples, args.seed).stats.as_dict()
     result["bridge"] = str(Path(args.bridge).resolve())
     result["circuit"] = str(Path(args.circuit).resolve())
     out = Path(args.out) if args.out else Path(args.circuit)
