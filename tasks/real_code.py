@@ -46,7 +46,6 @@ code in site-packages) are skipped and counted.
 from __future__ import annotations
 
 import ast
-import hashlib
 import io
 import os
 import random
@@ -57,7 +56,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.task import (
-    _SPLIT_BOUNDS,
     DEFAULT_SIZES,
     MAX_PROMPT_CHARS,
     SPLITS,
@@ -65,6 +63,7 @@ from tasks.task import (
     Split,
     Task,
     _interleave,
+    split_of,
 )
 
 if TYPE_CHECKING:
@@ -181,12 +180,9 @@ def python_files(source: str | Path | Sequence[str | Path]) -> tuple[Path, list[
 
 
 def file_split(relative_path: str) -> Split:
-    """The split of a file: a stable hash of its path relative to the root (forward slashes)."""
-    bucket = int.from_bytes(hashlib.sha256(relative_path.encode("utf-8")).digest()[:8], "big") % 100
-    for split, (low, high) in _SPLIT_BOUNDS.items():
-        if low <= bucket < high:
-            return split
-    raise AssertionError(f"bucket {bucket} is outside every split")  # the bounds cover 0..99
+    """The split of a file: the prompt-hash split (`tasks.task.split_of`) of its path relative to the root
+    (forward slashes)."""
+    return split_of(relative_path)
 
 
 class _Unusable(Exception):

@@ -423,7 +423,7 @@ def _swap_and_drop(judge: AnswerJudge, nodes: set[Node], redundant: set[Node], s
             for a in alts:
                 kept, gone = _drop_unused_channels(judge, (nodes - {n}) | {a}, site_widths)
                 if len(kept) < len(nodes):
-                    smaller = kept, (redundant | {n} | gone) - {a}
+                    smaller = kept, (redundant | {n} | gone) - kept  # `a` stays unused when it went too
                     break
             if smaller:
                 break

@@ -133,7 +133,13 @@ def run_circuit_eval(args) -> int:
                                   model_dir=str(model_dir), cache_dir=hp.get("cache_dir"), fallback_dir=str(path.parent))
     task = get_task(circuit["task"])
     resolved = resolve_task(task, tok, task.examples(args.split, args.n, args.seed))
-    prompts = [(f"{task.name} ({args.split})", resolved.examples, resolved.dropped)]
+    # as the pruner does (`load_task_data`): a prompt longer than the model's context cannot be scored, leave it out
+    from sparse_lm.arch import context_length
+    from tasks.contract import encode_plain
+
+    lengths = [len(ids) for ids in encode_plain(tok, [ex.prompt for ex in resolved.examples])]
+    fits = [ex for ex, n in zip(resolved.examples, lengths) if n <= context_length(model)]
+    prompts = [(f"{task.name} ({args.split})", fits, resolved.dropped + len(resolved.examples) - len(fits))]
     stats = None
     if args.code:
         from sparse_lm_app.commands.eval_tasks import code_task, describe_code_sample

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 PRUNE_TASKS = ("single_double_quote", "bracket_counting", "set_or_string")
 QUOTE_TASK = "single_double_quote"  # the task of the intervention (the paper's quote circuit)
-# A model below this test accuracy on a task is at chance there: it has no task behaviour to find a circuit for.
+# A model below this validation accuracy on a task is at chance there: it has no task behaviour to find a circuit for.
 SOLVED_ACCURACY = 0.6
 PAPER_TARGET = 0.15
 PAPER_ROOM = 0.02  # a model needs its own loss this far under 0.15 for a circuit at 0.15 to be worth the search
@@ -155,7 +155,8 @@ def equal_loss_model(p: Pipeline) -> tuple[str, dict]:
 
 
 def _own_losses(p: Pipeline, loaded: dict, task: str) -> tuple[dict, dict]:
-    """Each model's task data and its own (loss, accuracy) on the task: the larger of val and test loss."""
+    """Each model's task data and its own (loss, accuracy) on the task, on the validation split: the target and
+    the at-chance decision are choices, so they never read the test split the circuits are reported on."""
     import torch
 
     from pruning.forward import evaluate, load_task_data, loss_and_accuracy
@@ -168,8 +169,7 @@ def _own_losses(p: Pipeline, loaded: dict, task: str) -> tuple[dict, dict]:
     for k, (model, _) in loaded.items():
         with torch.no_grad():
             val = loss_and_accuracy(evaluate(model, data[k].val)[0], data[k].val.family)
-            test = loss_and_accuracy(evaluate(model, data[k].test)[0], data[k].test.family)
-        own[k] = {"loss": max(val["loss"], test["loss"]), "accuracy": test["accuracy"]}
+        own[k] = {"loss": val["loss"], "accuracy": val["accuracy"], "split": "val"}
     return data, own
 
 
@@ -187,7 +187,7 @@ def prune_task(p: Pipeline, loaded: dict, task: str) -> tuple[list[dict], dict |
                 for k in keys for m in ("learned", "attribution")], None
     solved = [k for k in keys if own[k]["accuracy"] >= SOLVED_ACCURACY]
     if not solved and not p.plan.prune_at_chance:
-        reason = (f"both models are at chance on {task} (test accuracy " +
+        reason = (f"both models are at chance on {task} (validation accuracy " +
                   ", ".join(f"{k} {own[k]['accuracy']:.2f}" for k in keys) + "): no task behaviour to prune for")
         print(f"-- {task}: {reason}", flush=True)
         return [{"model": k, "task": task, "method": m, "failed": True, "reason": reason, "own": own[k]}
@@ -206,7 +206,8 @@ def prune_task(p: Pipeline, loaded: dict, task: str) -> tuple[list[dict], dict |
                "target_kind": "paper" if suffix else "common"}
         rows.append(row)
         if k not in pruned:
-            row.update(failed=True, reason=f"{k} model at chance on {task} (test accuracy {own[k]['accuracy']:.2f})")
+            acc = own[k]["accuracy"]
+            row.update(failed=True, reason=f"{k} model at chance on {task} (validation accuracy {acc:.2f})")
             continue
         row.update(prune_one(p, loaded[k], k, data[k], task, method, tgt, suffix))
     return rows, {"target_loss": target, "why": why, "own": own}
@@ -357,7 +358,7 @@ def prune_bridged_quote_circuit(p: Pipeline, bridge_dir: Path, task: str) -> dic
              ("sparse", task, "learned") and not r.get("failed")]
     if not found:
         return {"failed": True, "reason": f"no learned {task} circuit in the sparse model to take settings from"}
-    row = sorted(found, key=lambda r: r["target_loss"])[0]  # the strictest target that was reached
+    row = min(found, key=lambda r: r["target_loss"])  # the strictest target that was reached
     saved = json.loads((Path(row["circuit_dir"]) / "config.json").read_text())
     settings = {k: v for k, v in saved.items() if k not in ("job", "model")}
     cfg = configlib.from_dict(type(p.configs["prune"]), settings)
@@ -379,7 +380,12 @@ def prune_bridged_quote_circuit(p: Pipeline, bridge_dir: Path, task: str) -> dic
 def run_intervention(p: Pipeline, bridge_dir: Path, circuit: dict | None = None) -> dict:
     """The quote intervention through the bridge in `bridge_dir`, with `circuit` (a circuit row: failed, reason,
     circuit_dir) or, when None, the quote circuit pruned here from the sparse model as bridged."""
-    from bridges.intervene import format_result, intervene, plot_intervention, read_circuit
+    from bridges.intervene import (
+        format_result,
+        intervene,
+        plot_intervention,
+        read_circuit,
+    )
     from bridges.train import load_bridge
     from pruning.forward import precision_context
     from tasks import get_task
@@ -429,7 +435,13 @@ def stage_bridged_eval(p: Pipeline) -> dict:
     from pruning.forward import evaluate, loss_and_accuracy
     from sparse_lm.arch import context_length
     from sparse_lm.loading import load_model_and_tokenizer
-    from tasks import TaskTokenizationError, format_table, get_task, list_tasks, resolve_task
+    from tasks import (
+        TaskTokenizationError,
+        format_table,
+        get_task,
+        list_tasks,
+        resolve_task,
+    )
     from tasks.contract import encode_plain, tokenizer_label
     from tasks.loss import encode_examples
 
@@ -509,7 +521,7 @@ def stage_bridged_circuit(p: Pipeline) -> dict:
     cfg = p.prune_config(task=task, method="learned", target_loss=target)
     out = bridge_dir / f"circuit-{task}"
     mine = own["sparse"]
-    print(f"-- prune the bridged sparse model ({model_dir}), {task}: own test accuracy {mine['accuracy']:.2f}, "
+    print(f"-- prune the bridged sparse model ({model_dir}), {task}: own validation accuracy {mine['accuracy']:.2f}, "
           f"loss {mine['loss']:.3f}; target loss {why}: ", end="", flush=True)
     t0 = time.perf_counter()
     found = _single_circuit(loaded, cfg, data["sparse"], str(model_dir), out)
