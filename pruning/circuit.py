@@ -156,6 +156,9 @@ class Circuit:
     failed: bool = False
     reason: str = ""
     format: str = FORMAT
+    # The pruner's whole node order and the count the bisection kept: not written to circuit.json, kept on the
+    # object so that curves can be added later (a sweep computes them for its best circuit only).
+    order_and_count: tuple[list[int], int] | None = field(default=None, repr=False, compare=False)
 
     # -- edges ----------------------------------------------------------------------------------
     def set_edges(self, edges: list[Any], max_listed: int) -> None:

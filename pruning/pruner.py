@@ -84,7 +84,7 @@ from tasks.loss import TaskBatch, family_mean
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["prune", "prepare_inputs", "PruneError", "heaviside_ste", "surrogate_grad", "Ablation", "train_masks",
+__all__ = ["prune", "circuit_faithfulness", "prepare_inputs", "PruneError", "heaviside_ste", "surrogate_grad", "Ablation", "train_masks",
            "order_nodes", "keep_mask", "bisect_count", "fit_calibration", "resolve_device", "frozen"]
 
 
@@ -481,13 +481,16 @@ def prune(
     data: TaskData | None = None,
     model_dir: str | None = None,
     fallback_dir: str | None = None,
+    faithfulness: bool = True,
 ) -> Circuit:
     """Find the smallest circuit of `model` for `cfg.task` at the target loss (see the module docstring).
 
     `means` and `data` (from `prepare_inputs`) can be passed to skip their
     preparation when pruning one model repeatedly (a sweep). A tokenizer is needed unless both are given (then
     snippets are skipped). The model is moved to ``cfg.device``; its parameters'
-    ``requires_grad`` and its train/eval mode are restored afterwards.
+    ``requires_grad`` and its train/eval mode are restored afterwards. ``faithfulness=False`` skips the
+    faithfulness curves (as long as the mask training on the main job's model); `circuit_faithfulness` adds
+    them later from ``circuit.order_and_count``.
     """
     s = _start(model, tokenizer, cfg, means, progress, data=data, model_dir=model_dir, fallback_dir=fallback_dir)
     with frozen(model):
@@ -502,13 +505,29 @@ def prune(
         if count is None:  # cannot happen when the full model meets the target; kept for non-monotone surprises
             return s.fail("no node count reaches the target on the validation split", timed=False)
         mask, kept, acts = _measure(s, order, count)
-        _faithfulness(s, order, count)
+        s.circuit.order_and_count = (order.tolist(), int(count))
+        if faithfulness:
+            _faithfulness(s, order, count)
         _list_edges(s, mask)
         _describe_nodes(s, kept, acts, scores, tau)
     s.seconds["total"] = time.perf_counter() - s.t0
     s.circuit.search["seconds"] = {k: round(v, 3) for k, v in s.seconds.items()}
     s.circuit.search["means_source"] = s.means.source
     return s.circuit
+
+
+def circuit_faithfulness(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, cfg: PruneConfig,
+                         order_and_count: tuple[list[int], int], *, data: TaskData | None = None,
+                         means: Means | None = None, model_dir: str | None = None,
+                         fallback_dir: str | None = None) -> dict[str, Any]:
+    """The faithfulness curves (`Circuit.faithfulness`) of a circuit `prune` found with ``faithfulness=False``,
+    from its ``order_and_count``: the same curves `prune` would have added (same splits, same budgets)."""
+    s = _start(model, tokenizer, cfg, means, False, data=data, model_dir=model_dir, fallback_dir=fallback_dir)
+    order, count = order_and_count
+    with frozen(model):
+        s.fast = fast_head_ok(model, s.data.val)
+        _faithfulness(s, torch.as_tensor(order, dtype=torch.long, device=s.mean_vec.device), count)
+    return s.circuit.faithfulness
 
 
 def _start(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, cfg: PruneConfig, means: Means | None,

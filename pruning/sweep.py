@@ -55,6 +55,7 @@ from sparse_lm.config import field, section
 from sparse_lm.io import atomic_write_bytes, atomic_write_text
 
 STATE_FILE = "sweep_state.json"
+BEST_ORDER_FILE = "best_order.json"  # the best run's node order, for its faithfulness curves at the end
 # Version of the sweep protocol stored in the state: a state from another protocol (e.g. costs in
 # seconds, failures judged on test) must not be continued.
 PROTOCOL = "sweep-protocol/2"
@@ -130,9 +131,23 @@ def _run_one(prune_cfg: dict, out_dir: str) -> dict:
                                            fallback_dir=out_dir)
         _WORKER["inputs_key"] = key
     data, means = _WORKER["inputs"]
+    # No faithfulness curves per run (they cost as much as the mask training): the best circuit gets them at the end.
     circuit = prune(_WORKER["model"], _WORKER["tokenizer"], cfg, progress=False, data=data, means=means,
-                    model_dir=_WORKER["model_dir"], fallback_dir=out_dir)
-    return {"circuit": circuit.to_json(), "seconds": time.perf_counter() - t0}
+                    model_dir=_WORKER["model_dir"], fallback_dir=out_dir, faithfulness=False)
+    return {"circuit": circuit.to_json(), "order_and_count": circuit.order_and_count,
+            "seconds": time.perf_counter() - t0}
+
+
+def _best_faithfulness(model_dir: str, prune_cfg: dict, order_and_count: tuple[list[int], int], out_dir: str,
+                       threads: int) -> dict:
+    """The faithfulness curves of the sweep's best circuit (what `prune` adds when run alone)."""
+    from pruning.pruner import circuit_faithfulness
+
+    if _WORKER.get("model_dir") != model_dir:
+        _init_worker(model_dir, threads)
+    cfg = configlib.from_dict(PruneConfig, {**prune_cfg, "collapse_retries": 0})
+    return circuit_faithfulness(_WORKER["model"], _WORKER["tokenizer"], cfg, order_and_count,
+                                model_dir=model_dir, fallback_dir=out_dir)
 
 
 # -- the sweep --------------------------------------------------------------------------
@@ -195,7 +210,28 @@ class Sweep:
         self._save_state()
         if improved:
             write_circuit_folder(c, self._prune_cfg(suggestion), self.model_dir, self.out)
+            if result.get("order_and_count") is not None:  # for the best circuit's curves at the end
+                order, count = result["order_and_count"]
+                atomic_write_text(self.out / BEST_ORDER_FILE,
+                                  json.dumps({"iteration": iteration, "order": list(order), "count": count}) + "\n")
         return row
+
+    def _add_best_faithfulness(self, threads: int) -> None:
+        """Faithfulness curves for the best circuit only (runs skip them); on a resume, once."""
+        best, path = self.best(), self.out / "circuit.json"
+        if best is None or self.cfg.prune.faithfulness_points <= 0 or not path.exists():
+            return
+        c = json.loads(path.read_text())
+        order_path = self.out / BEST_ORDER_FILE
+        if c.get("faithfulness") or not order_path.exists():
+            return
+        saved = json.loads(order_path.read_text())
+        if saved.get("iteration") != best["iteration"]:
+            return
+        prune_cfg = self._prune_cfg(best["params"])
+        c["faithfulness"] = _best_faithfulness(self.model_dir, prune_cfg, (saved["order"], int(saved["count"])),
+                                               str(self.out), threads)
+        write_circuit_folder(c, prune_cfg, self.model_dir, self.out)
 
     def run(self, progress: bool = True) -> dict | None:
         from tqdm import tqdm
@@ -230,6 +266,7 @@ class Sweep:
                         it, s = running.pop(fut)
                         self._tick(bar, self._observe(it, s, fut.result()))
         bar.close()
+        self._add_best_faithfulness(max(1, os.cpu_count() or 1))
         plot_sweep(self.results, self.out / "sweep.png", self.cfg.objective)
         return self.best()
 

@@ -140,3 +140,29 @@ def test_two_in_process_sweeps_on_different_models_do_not_share_inputs(model_dir
     Sweep(cfg, str(other), tmp_path / "b").run(progress=False)
     state = json.loads((tmp_path / "b" / STATE_FILE).read_text())
     assert len(state["results"]) == 1 and "nodes" not in (state["results"][0]["reason"] or "")
+
+
+def test_only_the_best_circuit_gets_faithfulness_curves_and_they_equal_a_lone_prune(model_dir, tmp_path):
+    """Runs skip the curves (they cost as much as the mask training); the best circuit gets them at the end,
+    the same curves `prune` gives when run alone with the winning settings."""
+    from pruning.pruner import prune
+    from sparse_lm.loading import load_model_and_tokenizer
+
+    out = tmp_path / "sweep"
+    fast = [o for o in FAST if not o.startswith("prune.faithfulness_points")]
+    cfg = configlib.resolve(SweepConfig, "sweep", None, [*fast, "prune.faithfulness_points=4", "iterations=2"])
+    sweep = Sweep(cfg, str(model_dir), out)
+    best = sweep.run(progress=False)
+    assert best is not None
+    written = json.loads((out / "circuit.json").read_text())
+    assert written["faithfulness"]["split"] == "test" and len(written["faithfulness"]["curve"]) >= 3
+    assert json.loads((out / "best_order.json").read_text())["iteration"] == best["iteration"]
+    model, tok = load_model_and_tokenizer(str(model_dir))
+    alone = prune(model, tok, configlib.from_dict(type(cfg.prune), {**sweep._prune_cfg(best["params"]),
+                                                                    "collapse_retries": 0}),
+                  progress=False, model_dir=str(model_dir), fallback_dir=str(out))
+    assert alone.num_nodes == written["num_nodes"]
+    got = written["faithfulness"]["curve"]
+    want = alone.faithfulness["curve"]
+    assert [p[0] for p in got] == [p[0] for p in want]
+    assert [p[1] for p in got] == pytest.approx([p[1] for p in want], rel=1e-4, abs=1e-5)
