@@ -49,7 +49,17 @@ fi
 if [[ -z "${launcher_args[*]:-}" || " ${launcher_args[*]} " != *" --master_port "* ]]; then
   port="$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
   launcher_args+=(--master_port "$port")
+else
+  for ((i = 0; i < ${#launcher_args[@]}; i++)); do
+    [[ "${launcher_args[$i]}" == --master_port ]] && port="${launcher_args[$((i + 1))]}"
+  done
 fi
 
+# DeepSpeed's CPU all-reduce leaves one 66 MB buffer per rank in /dev/shm (RAM) after every run, finished or
+# killed (/dev/shm/deepspeed_allreduce_buffer_<i>_<addr>_<port>_<rank>); 124 of them held 8 GB on a
+# development machine. This run's buffers are named by its master port: remove them when it ends.
+cleanup_shm() { rm -f /dev/shm/deepspeed_allreduce_buffer_*_"${port}"_* 2>/dev/null || true; }
+trap cleanup_shm EXIT
+
 echo "pretrain.sh: $nproc rank(s) on $([[ $gpus -gt 0 ]] && echo "GPU (nccl)" || echo "CPU (gloo, OMP_NUM_THREADS=$OMP_NUM_THREADS)")" >&2
-exec "$ds" --num_gpus "$nproc" "${launcher_args[@]}" --no_local_rank --module sparse_lm_app "$command" "$@"
+"$ds" --num_gpus "$nproc" "${launcher_args[@]}" --no_local_rank --module sparse_lm_app "$command" "$@"

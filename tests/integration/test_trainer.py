@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -197,5 +198,8 @@ def test_launcher_two_ranks_tiny_cli(small_data, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 12
     assert (run / "curves.png").stat().st_size > 10_000
+    # the launcher removes DeepSpeed's shared-memory all-reduce buffers of its run (66 MB of RAM per rank)
+    port = re.search(r"--master_port[= ](\d+)", res.stdout + res.stderr).group(1)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [6, 12]
