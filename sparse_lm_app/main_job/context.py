@@ -52,7 +52,10 @@ class Plan:
         return STAGE_CONFIGS if self.pipeline == "main" else ("bridge", "prune")
 
 
-TINY_MINUTES = {"data": 1.0, "sparse": 59.0, "dense": 15.0, "eval": 5.0, "prune": 18.0, "bridge": 32.0,
+# Measured on a 2-core CPU (make demo, 2026-12-02): data, sparse, dense, eval as run; prune from its sweeps' runs
+# (~185 s a CARBS suggestion on one core, 16 suggestions on 2 workers, 3 learned circuits, attribution, the control);
+# bridge from the previous version's stage (the finetuned bridge is not yet timed at this size).
+TINY_MINUTES = {"data": 0.3, "sparse": 51.0, "dense": 14.0, "eval": 4.0, "prune": 80.0, "bridge": 32.0,
                 "report": 0.1}
 # The smollm2 plan is not measured end to end. From the parts, on 2 cores shared with other jobs (load 2-6):
 # a bridge-smollm2 step 22-32 s (39 s at load 6; so 200 steps ~73 min at 22 s) plus ~7 min loading the GGUF,
