@@ -244,4 +244,7 @@ def prune_compiled(compiled: Compiled, method: str = "learned", *, progress: boo
         circuit.search["surrogate_gradients"] = {"mlp_temp": surrogate[0], "attn_temp": surrogate[1]}
     circuit.search["selection"] = ("every task input (the test split is inside it)" if select_on_all
                                    else "the validation split")
+    if select_on_all and circuit.verification.get("note"):  # its "test split" numbers were seen by the selection
+        circuit.verification["note"] = ("not held out: the bisection chose on every input, this test split "
+                                        "included; " + circuit.verification["note"])
     return circuit

@@ -54,7 +54,9 @@ class Result:
                 "scores": self.scores, "failed": c.failed, "reason": c.reason, "target_loss": c.target_loss,
                 "metrics": c.metrics, "verification": c.verification,
                 "node_sites": c.node_sites, "inputs": len(self.compiled.task),
-                "splits": c.search.get("splits"), "seconds": {"compile": round(self.compile_seconds, 3),
+                "splits": c.search.get("splits"),
+                # where the bisection and refine step chose: when it is every input, "test" metrics are not held out
+                "selection": c.search.get("selection"), "seconds": {"compile": round(self.compile_seconds, 3),
                                                               "prune": round(self.prune_seconds, 3)},
                 "ground_truth": self.compiled.ground_truth.to_json()}
 

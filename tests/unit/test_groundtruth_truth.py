@@ -138,8 +138,10 @@ def test_pruner_defaults_select_on_every_input_and_refine(hist):
     c = prune_compiled(hist, "attribution")
     assert c.search["refine"]["order"] == "reverse_forward" and c.search["splits"]["val"] == len(hist.task)
     assert c.search["selection"].startswith("every task input")
+    assert c.verification["note"].startswith("not held out")  # its test numbers were seen by the selection
     s = score(c, hist.ground_truth)
     assert s["node_recall"] == 1.0 and s["node_precision"] == 1.0
     held_out = prune_compiled(hist, "attribution", refine=None, select_on_all=False)
     assert "refine" not in held_out.search and held_out.search["splits"]["val"] < len(hist.task) // 3
+    assert held_out.verification["note"].startswith("test split")
     assert held_out.num_nodes >= c.num_nodes
