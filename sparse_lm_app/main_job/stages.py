@@ -432,7 +432,7 @@ def stage_bridged_eval(p: Pipeline) -> dict:
     import torch
 
     from bridges.models import load_dense
-    from pruning.forward import evaluate, loss_and_accuracy
+    from pruning.forward import evaluate, fast_head_ok, loss_and_accuracy
     from sparse_lm.arch import context_length
     from sparse_lm.loading import load_model_and_tokenizer
     from tasks import (
@@ -454,6 +454,7 @@ def stage_bridged_eval(p: Pipeline) -> dict:
     limit = min(context_length(m) for m in models.values())
     names = list(p.plan.eval_tasks or list_tasks())
     rows: dict[str, list[dict]] = {k: [] for k in models}
+    fast: dict[str, bool] = {}
     resolution = []
     for name in names:
         task = get_task(name)
@@ -482,7 +483,9 @@ def stage_bridged_eval(p: Pipeline) -> dict:
         batch = encode_examples(tok, kept, max_length=limit)
         for k, model in models.items():
             with torch.no_grad():
-                m = loss_and_accuracy(evaluate(model, batch)[0], batch.family)
+                if k not in fast:  # the last-position shortcut, checked once per model against the full forward
+                    fast[k] = fast_head_ok(model, batch)
+                m = loss_and_accuracy(evaluate(model, batch, fast=fast[k])[0], batch.family)
             rows[k].append({"task": task.name, "loss": m["loss"], "accuracy": m["accuracy"], "examples": len(kept),
                             "dropped": resolved.dropped + res["too_long"]})
     ok = [r for r in resolution if r["resolved"]]
