@@ -61,6 +61,7 @@ def _judge(compiled):
     return AnswerJudge(compiled.model, compiled.task, means)
 
 
+@pytest.mark.slow  # derives two truths: the full suite runs it, make test-fast stays under 3 min
 def test_truth_keeps_the_answers_and_no_single_node_of_it_can_go(hist):
     from pruning.groundtruth import rotate
     from pruning.groundtruth.truth import _outside

@@ -114,6 +114,7 @@ def test_pareto_front_keeps_only_unbeaten_points():
     assert pareto_front([(40, 9), (40, 12), (20, 15), (80, 9), (80, 5)]) == [(20, 15), (40, 9), (80, 5)]
 
 
+@pytest.mark.slow  # whole sweeps: the full suite runs it, make test-fast stays under 3 min
 def test_sweep_cli(model_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["sweep", "--model", str(model_dir), "--iterations", "2", "--out", str(out), "--no-progress", *FAST])
@@ -126,6 +127,7 @@ def test_sweep_cli(model_dir, tmp_path, capsys):
     assert "best circuit" in text.out and (out / "circuit.json").exists()
 
 
+@pytest.mark.slow  # whole sweeps: the full suite runs it, make test-fast stays under 3 min
 def test_two_in_process_sweeps_on_different_models_do_not_share_inputs(model_dir, small_data, tmp_path):
     # The main job runs one-worker sweeps in its own process, sparse model then dense model: the second must
     # not reuse the first model's task data and means (a vector over the wrong number of nodes).
@@ -142,6 +144,7 @@ def test_two_in_process_sweeps_on_different_models_do_not_share_inputs(model_dir
     assert len(state["results"]) == 1 and "nodes" not in (state["results"][0]["reason"] or "")
 
 
+@pytest.mark.slow  # whole sweeps: the full suite runs it, make test-fast stays under 3 min
 def test_only_the_best_circuit_gets_faithfulness_curves_and_they_equal_a_lone_prune(model_dir, tmp_path):
     """Runs skip the curves (they cost as much as the mask training); the best circuit gets them at the end,
     the same curves `prune` gives when run alone with the winning settings."""
