@@ -8,7 +8,6 @@ is pointed at a tiny random Llama that the test writes as a GGUF file (``bridge.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 
@@ -16,16 +15,9 @@ import pytest
 import torch
 
 from conftest import PYTHON, ROOT, subprocess_env
+from gguf_writer import write_llama_gguf
 
 STAGES = ("bridge", "eval", "circuit", "intervene", "report")
-
-
-def _write_llama_gguf():
-    """The GGUF writer of tests/unit/test_gguf.py (one writer for the project's tests)."""
-    spec = importlib.util.spec_from_file_location("_gguf_writer", ROOT / "tests" / "unit" / "test_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_llama_gguf
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def tiny_dense_gguf(small_data, tmp_path_factory):
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0,
         eos_token_id=0)).eval()
     folder = tmp_path_factory.mktemp("dense_gguf")
-    return _write_llama_gguf()(model, tok, folder / "tiny-llama.F32.gguf")
+    return write_llama_gguf(model, tok, folder / "tiny-llama.F32.gguf")
 
 
 # Toy sizes of every stage; the plan's own stages, code paths and in-process sizes are the real preset's.
