@@ -35,7 +35,8 @@ def _finite_positive(section: str, **values) -> None:
 
 @dataclass
 class DataSection:
-    source: str = field("stdlib", "corpus: 'stdlib' (this interpreter's standard library), a folder, a glob, or hf:NAME[:CONFIG]")
+    source: str = field("stdlib", "corpus: 'stdlib' (this interpreter's standard library), 'python-site' (that plus "
+                                  "the installed site-packages), a folder, a glob, or hf:NAME[:CONFIG]")
     pattern: str = field("**/*.py", "file pattern inside a folder source")
     text_column: str = field("text", "text column of a datasets source")
     split: str = field("train", "split of a datasets source")

@@ -57,6 +57,9 @@ class Plan:
 # bridge from the previous version's stage (the finetuned bridge is not yet timed at this size).
 TINY_MINUTES = {"data": 0.3, "sparse": 51.0, "dense": 14.0, "eval": 4.0, "prune": 80.0, "bridge": 32.0,
                 "report": 0.1}
+# long: tiny's stages with 3.75x tiny's sparse steps and 3.75x its dense steps, scaled from the measured
+# step times (0.93 s sparse, 0.50 s dense); its corpus (python-site, ~330 MB) takes longer to prepare.
+LONG_MINUTES = {**TINY_MINUTES, "data": 5.0, "sparse": 186.0, "dense": 50.0}
 # The smollm2 plan is not measured end to end. From the parts, on 2 cores shared with other jobs (load 2-6):
 # a bridge-smollm2 step 22-32 s (39 s at load 6; so 200 steps ~73 min at 22 s) plus ~7 min loading the GGUF,
 # tokenizing 400 files and the evaluations before/after (more when DeepSpeed first JIT-builds its CPU op);
@@ -68,6 +71,9 @@ SMOLLM2_ESTIMATE = ("an estimate from measured parts, not an end-to-end run: a b
                     "cores, 200 steps; SmolLM2 forward ~200 tokens/s (float32)")
 PLANS: dict[str, Plan] = {
     "tiny": Plan("tiny", "tiny-dense", "bridge-tiny-joint", "prune-main", TINY_MINUTES),
+    # set_or_string and bracket_counting need more than tiny's 13M tokens: 49M of python-site (not yet run)
+    "long": Plan("long", "long-dense", "bridge-tiny-joint", "prune-main", LONG_MINUTES, measured=False,
+                 estimate="tiny's measured step times scaled to long's steps; not run end to end"),
     # GPUs: the paper's 32 iterations of 8 parallel suggestions
     "paper-1x": Plan("paper-1x", "paper-1x-dense", "bridge-tiny-joint", "prune-main", TINY_MINUTES, measured=False,
                      sweep_iterations=256, sweep_workers=8),

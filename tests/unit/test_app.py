@@ -72,3 +72,22 @@ def test_main_job_saves_each_stage_config_before_launching(tmp_path):
     assert saved["sparse"]["job"] == "pretrain" and saved["bridge"]["job"] == "bridge"
     assert saved["dense"]["data"]["data_dir"] == saved["sparse"]["data"]["data_dir"]
     assert saved["bridge"]["dense"].endswith("dense") and saved["bridge"]["sparse"].endswith("model")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "long", "paper-1x", "debug"])
+def test_every_main_plan_resolves_its_configs(tmp_path, preset):
+    """A preset of the main job whose stage presets do not load (a typo, an unknown key) fails here,
+    not hours into a run."""
+    import json
+
+    from sparse_lm_app.main_job.pipeline import PLANS, Pipeline, parse_args
+
+    args = parse_args(["--preset", preset, "--out", str(tmp_path)])
+    p = Pipeline(args, PLANS[args.preset])
+    p.resolve_configs(args.overrides)
+    saved = {s: json.loads((tmp_path / args.name / "configs" / f"{s}.json").read_text())
+             for s in ("sparse", "dense", "bridge", "prune")}
+    assert saved["dense"]["data"]["data_dir"] == saved["sparse"]["data"]["data_dir"]
+    if preset == "long":  # more tokens than one pass over the standard library, from the larger corpus
+        assert saved["sparse"]["data"]["source"] == "python-site"
+        assert saved["sparse"]["train"]["steps"] * saved["sparse"]["train"]["global_batch"] * 256 > 40e6
