@@ -100,7 +100,20 @@ def pair_sites(sparse: nn.Module, dense: nn.Module, pairing: str | Sequence[int]
 
 
 class Bridges(nn.Module):
-    """One encoder (dense -> sparse, Linear + AbsTopK) and one decoder (sparse -> dense, Linear) per site pair."""
+    """One encoder (dense -> sparse, Linear + AbsTopK) and one decoder (sparse -> dense, Linear) per site pair.
+
+    The linear maps work in normalised units: the dense side divided by a fixed per-channel scale
+    (``dense_scale.i``, the channel's standard deviation where the maps were fitted) and the sparse
+    side by one scale per site (``sparse_scale.i``, the RMS of the sparse residual, followed as a
+    running mean while a sparse model trains with its bridges). Both are plain linear reparametrisations
+    (an encoder is still linear + AbsTopK, a decoder linear), but Adam's steps, which have the same size
+    for every weight whatever the scale of its input and output, then mean the same thing on every map:
+    a pretrained model's residual stream has channels thousands of times larger than the rest
+    (SmolLM2's reach ~1e3), and a sparse model trained from scratch starts at an RMS of ~0.02 and grows
+    by orders of magnitude. Without them the encoder's first step moved its output ~100x the sparse
+    residual's spread (NMSE 1.6 -> 15,000 at step 2 against SmolLM2). Scales of 1 (the default, and
+    bridges saved before the scales existed) give the plain maps.
+    """
 
     def __init__(self, pairs: Sequence[SitePair], afrac: float | None = 0.25):
         super().__init__()
@@ -108,6 +121,31 @@ class Bridges(nn.Module):
         self.afrac = afrac
         self.encoders = nn.ModuleList(nn.Linear(p.d_dense, p.d_sparse) for p in self.pairs)
         self.decoders = nn.ModuleList(nn.Linear(p.d_sparse, p.d_dense) for p in self.pairs)
+        for i, p in enumerate(self.pairs):
+            self.register_buffer(f"dense_scale_{i}", torch.ones(p.d_dense))
+            self.register_buffer(f"sparse_scale_{i}", torch.ones(()))
+
+    def dense_scale(self, i: int) -> torch.Tensor:
+        return getattr(self, f"dense_scale_{i}")
+
+    def sparse_scale(self, i: int) -> torch.Tensor:
+        return getattr(self, f"sparse_scale_{i}")
+
+    @torch.no_grad()
+    def follow_sparse_scale(self, i: int, h_sparse: torch.Tensor, momentum: float) -> None:
+        """Move ``sparse_scale.i`` toward the RMS of `h_sparse` (a running mean; momentum 0 keeps it)."""
+        if momentum > 0:
+            rms = h_sparse.detach().float().pow(2).mean().sqrt().clamp_min(1e-6)
+            self.sparse_scale(i).lerp_(rms.to(self.sparse_scale(i).dtype), momentum)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Bridges saved before the scales existed are the plain maps: scales of 1.
+        for i in range(len(self.pairs)):
+            for name in (f"dense_scale_{i}", f"sparse_scale_{i}"):
+                state_dict.setdefault(prefix + name, torch.ones_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def k(self, i: int) -> int | None:
         """AbsTopK k of encoder i (None: the encoder output stays dense)."""
@@ -118,25 +156,36 @@ class Bridges(nn.Module):
 
     def encode(self, i: int, h_dense: torch.Tensor) -> torch.Tensor:
         """(..., d_dense) -> (..., d_sparse)."""
-        z = self.encoders[i](h_dense.to(self.encoders[i].weight.dtype))
+        lin = self.encoders[i]
+        x = h_dense.to(lin.weight.dtype) / self.dense_scale(i).to(lin.weight.dtype)
+        z = lin(x) * self.sparse_scale(i).to(lin.weight.dtype)
         k = self.k(i)
         return z if k is None else abs_topk(z, k)
 
     def decode(self, i: int, h_sparse: torch.Tensor) -> torch.Tensor:
         """(..., d_sparse) -> (..., d_dense)."""
-        return self.decoders[i](h_sparse.to(self.decoders[i].weight.dtype))
+        lin = self.decoders[i]
+        x = h_sparse.to(lin.weight.dtype) / self.sparse_scale(i).to(lin.weight.dtype)
+        return lin(x) * self.dense_scale(i).to(lin.weight.dtype)
 
     @torch.no_grad()
     def fit_least_squares(self, dense_acts: Sequence[torch.Tensor], sparse_acts: Sequence[torch.Tensor],
                           ridge: float = 1e-3) -> None:
-        """Set every map to the ridge-regression fit of its target on paired activations (tokens, d) per pair.
+        """Set the scales from paired activations (tokens, d) per pair, then every map to the ridge-regression
+        fit of its target in those units.
 
         A starting point that already scores NMSE < 1; AbsTopK is left out of the encoder's fit.
         """
         for i in range(len(self.pairs)):
-            h_d, h_s = dense_acts[i].flatten(0, -2), sparse_acts[i].flatten(0, -2)
-            _ridge_fit(self.encoders[i], h_d, h_s, ridge)
-            _ridge_fit(self.decoders[i], h_s, h_d, ridge)
+            h_d, h_s = dense_acts[i].flatten(0, -2).float(), sparse_acts[i].flatten(0, -2).float()
+            d_scale = h_d.std(0)  # (d_dense,)
+            d_scale = d_scale.clamp_min(1e-3 * float(d_scale.mean()) + 1e-12)  # a constant channel stays finite
+            s_scale = h_s.pow(2).mean().sqrt().clamp_min(1e-6)
+            self.dense_scale(i).copy_(d_scale)
+            self.sparse_scale(i).copy_(s_scale)
+            x_d, x_s = h_d / d_scale, h_s / s_scale
+            _ridge_fit(self.encoders[i], x_d, x_s, ridge)
+            _ridge_fit(self.decoders[i], x_s, x_d, ridge)
 
     @torch.no_grad()
     def set_identity(self) -> None:
@@ -148,6 +197,9 @@ class Bridges(nn.Module):
             for lin in (enc, dec):
                 lin.weight.copy_(torch.eye(p.d_sparse))
                 lin.bias.zero_()
+        for i in range(len(self.pairs)):
+            self.dense_scale(i).fill_(1.0)
+            self.sparse_scale(i).fill_(1.0)
 
 
 def _ridge_fit(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, ridge: float) -> None:
@@ -168,10 +220,16 @@ def _ridge_fit(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, ridge: float) -
 
 
 def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """sum ||pred - target||^2 / sum ||target - mean||^2 over all tokens (mean per channel over tokens)."""
+    """sum ||pred - target||^2 / sum ||target - mean||^2 over all tokens (mean per channel over tokens).
+
+    The denominator is a constant for the gradient: a sparse model that trains with its bridges
+    would otherwise lower NMSE(enc(h_dense), h_sparse) by inflating its own variance rather than by
+    becoming predictable (jacobcd52/sparse_pretrain_public detaches it too).
+    """
     p = pred.flatten(0, -2).float()  # (tokens, d)
     t = target.flatten(0, -2).float()
-    return (p - t).pow(2).sum() / (t - t.mean(0)).pow(2).sum().clamp_min(eps)
+    spread = (t - t.mean(0)).pow(2).sum().detach()
+    return (p - t).pow(2).sum() / spread.clamp_min(eps)
 
 
 def kl_dense_hybrid(dense_logits: torch.Tensor, hybrid_logits: torch.Tensor,
@@ -252,6 +310,10 @@ class BridgedPair(nn.Module):
         """
         return {f"sparse.{name}": p for name, p in self.sparse.weight_matrices().items()}
 
+    def lr_scales(self) -> dict[nn.Parameter, float]:
+        """The maps learn at ``bridge.map_lr_scale`` times the sparse model's lr (read by Trainer)."""
+        return {p: self.cfg.map_lr_scale for p in self.bridges.parameters()}
+
     def train(self, mode: bool = True) -> "BridgedPair":
         super().train(mode)
         self.dense.eval()
@@ -318,6 +380,8 @@ class BridgedPair(nn.Module):
                                  "kl_s2d": [None] * len(pairs)}
         for i, p in enumerate(pairs):
             h_d, h_s = d_acts[p.dense], s_acts[p.sparse]
+            if self.training and self.train_sparse:
+                self.bridges.follow_sparse_scale(i, h_s, self.cfg.scale_momentum)
             site["nmse_enc"].append(nmse(self.bridges.encode(i, h_d), h_s))
             site["nmse_dec"].append(nmse(self.bridges.decode(i, h_s), h_d))
         for i in sites:

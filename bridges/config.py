@@ -52,10 +52,23 @@ class BridgeSection:
     )
     train_sparse: bool = field(False, "with --sparse: keep training the sparse model with its bridges (mode "
                                       "'finetune', the paper's objective) instead of freezing it (mode 'bridges')")
+    scale_momentum: float = field(
+        0.05, "while the sparse model trains with its bridges, each step moves the sparse side's scale of the maps "
+        "(the RMS of the sparse residual at the site) this far toward the batch's RMS (0: fixed where the maps were fitted)"
+    )
+    map_lr_scale: float = field(
+        1.0, "learning rate of the encoders and decoders as a multiple of optim.lr (the sparse model's); Adam moves "
+        "every weight of a map by about lr a step, which changes a map's output by ~lr x its fan-in (in its "
+        "normalised units)"
+    )
     gate_nmse: float = field(0.3, "quality gate: the NMSE of encoder and decoder (mean over sites) must be below "
                                   "this on validation, and both hybrid KLs below KL(dense || sparse)")
 
     def validate(self) -> None:
+        if not 0 <= self.scale_momentum <= 1:
+            raise ConfigError(f"bridge.scale_momentum must lie in [0, 1], got {self.scale_momentum}")
+        if not self.map_lr_scale > 0:
+            raise ConfigError(f"bridge.map_lr_scale must be > 0, got {self.map_lr_scale}")
         for name in ("nmse", "kl_d2s", "kl_s2d", "lm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bridge.{name} must be >= 0, got {getattr(self, name)}")

@@ -308,9 +308,15 @@ class Trainer:
             p for n, p in model.named_parameters() if p.ndim == 2}
         # Frozen parameters (a dense teacher, a sparse model whose bridges train alone) stay out.
         trainable = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in trainable if p in matrices]
-        rest = [p for p in trainable if p not in matrices]
-        return [{"params": decay, "weight_decay": self.oc.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        # A model may ask for other learning rates for some parameters (a bridged pair: its maps), as
+        # multiples of the schedule's lr (`lr_scales()`: {parameter: multiple}).
+        scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+        # The first two groups are always there (a checkpoint's optimizer state lists its groups).
+        groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+        for p in trainable:
+            groups.setdefault((p in matrices, float(scales.get(p, 1.0))), []).append(p)
+        return [{"params": ps, "weight_decay": self.oc.weight_decay if decay else 0.0, "lr_scale": scale}
+                for (decay, scale), ps in groups.items()]
 
     def _make_engine(self, model: torch.nn.Module):
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -375,7 +381,7 @@ class Trainer:
         """One optimizer step over the global batch; returns the mean loss over all ranks."""
         lr = self.lr_at(self.step)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         total = torch.zeros((), device=self.device)
         for m in range(self.grad_accum):
             ids = self.batches.micro(self.step, m).to(self.device)

@@ -98,3 +98,79 @@ def test_finetune_holds_the_trained_models_l0_from_its_own_run_config(tmp_path):
     assert configlib.resolve(BridgeConfig, "bridge", "bridge-tiny-joint").mode == "joint"
     assert configlib.resolve(BridgeConfig, "bridge", "bridge-tiny-joint",
                              ["sparse=x", "bridge.train_sparse=false"]).mode == "bridges"
+
+
+def test_nmse_gradient_treats_the_target_spread_as_a_constant():
+    """A sparse model trained with its bridges must not lower NMSE(enc(h_dense), h_sparse) by inflating
+    its own variance: the gradient reaching the target is the numerator's alone."""
+    from bridges.bridge import nmse
+
+    g = torch.Generator().manual_seed(0)
+    target = (torch.randn(2, 5, 4, generator=g) * 3 + 1).requires_grad_(True)
+    pred = torch.randn(2, 5, 4, generator=g)
+    value = nmse(pred, target)
+    value.backward()
+    t = target.detach().flatten(0, -2)
+    spread = (t - t.mean(0)).pow(2).sum()
+    torch.testing.assert_close(value.detach(), (pred.flatten(0, -2) - t).pow(2).sum() / spread)
+    # d/dtarget of sum (pred - target)^2 / spread, the spread held fixed
+    torch.testing.assert_close(target.grad, 2 * (target.detach() - pred) / spread)
+
+
+def _massive(n: int, d: int, seed: int) -> torch.Tensor:
+    """Activations with two channels ~1000x the rest, as in a pretrained Llama's residual stream."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    x[:, :2] *= 1000.0
+    return x
+
+
+def test_maps_fit_in_normalised_units_and_stay_linear_maps():
+    from bridges.bridge import Bridges, SitePair, nmse
+
+    b = Bridges([SitePair("0.resid_in", "0.resid_in", 8, 24)], afrac=None)
+    h_d = _massive(512, 24, 0)
+    mix = torch.randn(24, 8, generator=torch.Generator().manual_seed(1)) * 0.02
+    h_s = (h_d / h_d.std(0)) @ mix * 0.03  # a sparse side at a tiny scale, a linear function of the dense one
+    b.fit_least_squares([h_d], [h_s])
+    torch.testing.assert_close(b.dense_scale(0), h_d.std(0))
+    assert float(b.sparse_scale(0)) == pytest.approx(float(h_s.pow(2).mean().sqrt()), rel=1e-5)
+    with torch.no_grad():
+        assert float(nmse(b.encode(0, h_d), h_s)) < 1e-3
+        # Still a linear (affine) map of its input: decode(a x + c y) = a decode(x) + c decode(y) - (a + c - 1) decode(0)
+        x, y, zero = h_s[:3], h_s[3:6], torch.zeros(3, 8)
+        torch.testing.assert_close(b.decode(0, 2 * x - y), 2 * b.decode(0, x) - b.decode(0, y), rtol=1e-4, atol=1e-2)
+        assert b.decode(0, zero).abs().sum() > 0  # the bias is there too
+
+
+def test_bridges_saved_before_the_scales_load_as_the_plain_maps():
+    from bridges.bridge import Bridges, SitePair
+
+    pairs = [SitePair("0.resid_in", "0.resid_in", 8, 24)]
+    old = Bridges(pairs, afrac=None)
+    state = {k: v for k, v in old.state_dict().items() if "scale" not in k}  # a file from before the scales
+    new = Bridges(pairs, afrac=None)
+    with torch.no_grad():
+        new.dense_scale(0).fill_(7.0)
+    new.load_state_dict(state)
+    assert float(new.dense_scale(0).max()) == 1.0 and float(new.sparse_scale(0)) == 1.0
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(new.encode(0, x), old.encoders[0](x))
+        torch.testing.assert_close(new.decode(0, x[:, :8]), old.decoders[0](x[:, :8]))
+
+
+def test_the_sparse_scale_follows_a_growing_sparse_model_and_maps_get_their_own_lr():
+    from bridges.bridge import Bridges, SitePair
+
+    b = Bridges([SitePair("0.resid_in", "0.resid_in", 8, 24)], afrac=None)
+    h = torch.full((10, 8), 5.0)
+    for _ in range(200):
+        b.follow_sparse_scale(0, h, 0.05)
+    assert float(b.sparse_scale(0)) == pytest.approx(5.0, rel=1e-3)
+    b.follow_sparse_scale(0, torch.zeros(10, 8) + 1.0, 0.0)  # momentum 0: fixed
+    assert float(b.sparse_scale(0)) == pytest.approx(5.0, rel=1e-3)
+    pair = _pair()
+    pair.cfg.map_lr_scale = 0.02
+    scales = pair.lr_scales()
+    assert set(scales) == set(pair.bridges.parameters()) and set(scales.values()) == {0.02}
+    assert not set(scales) & set(pair.sparse.parameters())
