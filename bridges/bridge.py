@@ -219,16 +219,18 @@ def _ridge_fit(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, ridge: float) -
 # losses
 
 
-def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, detach_spread: bool = True) -> torch.Tensor:
     """sum ||pred - target||^2 / sum ||target - mean||^2 over all tokens (mean per channel over tokens).
 
-    The denominator is a constant for the gradient: a sparse model that trains with its bridges
-    would otherwise lower NMSE(enc(h_dense), h_sparse) by inflating its own variance rather than by
-    becoming predictable (jacobcd52/sparse_pretrain_public detaches it too).
+    With `detach_spread` the denominator is a constant for the gradient: a sparse model that trains
+    with its bridges could otherwise lower NMSE(enc(h_dense), h_sparse) by inflating its own variance
+    rather than by becoming predictable (jacobcd52/sparse_pretrain_public detaches it).
     """
     p = pred.flatten(0, -2).float()  # (tokens, d)
     t = target.flatten(0, -2).float()
-    spread = (t - t.mean(0)).pow(2).sum().detach()
+    spread = (t - t.mean(0)).pow(2).sum()
+    if detach_spread:
+        spread = spread.detach()
     return (p - t).pow(2).sum() / spread.clamp_min(eps)
 
 
@@ -382,8 +384,9 @@ class BridgedPair(nn.Module):
             h_d, h_s = d_acts[p.dense], s_acts[p.sparse]
             if self.training and self.train_sparse:
                 self.bridges.follow_sparse_scale(i, h_s, self.cfg.scale_momentum)
-            site["nmse_enc"].append(nmse(self.bridges.encode(i, h_d), h_s))
-            site["nmse_dec"].append(nmse(self.bridges.decode(i, h_s), h_d))
+            detach = self.cfg.nmse_detach_spread
+            site["nmse_enc"].append(nmse(self.bridges.encode(i, h_d), h_s, detach_spread=detach))
+            site["nmse_dec"].append(nmse(self.bridges.decode(i, h_s), h_d, detach_spread=detach))
         for i in sites:
             p = pairs[i]
             site["kl_d2s"][i] = kl_dense_hybrid(dense_logits, self.d2s_logits(input_ids, i, d_acts[p.dense]),

@@ -56,6 +56,10 @@ class BridgeSection:
         0.05, "while the sparse model trains with its bridges, each step moves the sparse side's scale of the maps "
         "(the RMS of the sparse residual at the site) this far toward the batch's RMS (0: fixed where the maps were fitted)"
     )
+    nmse_detach_spread: bool = field(
+        True, "hold the NMSE's denominator (the target's spread) constant for the gradient, so a sparse model "
+        "training with its bridges cannot lower NMSE by inflating its own variance (false: differentiate it too)"
+    )
     map_lr_scale: float = field(
         1.0, "learning rate of the encoders and decoders as a multiple of optim.lr (the sparse model's); Adam moves "
         "every weight of a map by about lr a step, which changes a map's output by ~lr x its fan-in (in its "

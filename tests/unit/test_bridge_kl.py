@@ -115,6 +115,12 @@ def test_nmse_gradient_treats_the_target_spread_as_a_constant():
     torch.testing.assert_close(value.detach(), (pred.flatten(0, -2) - t).pow(2).sum() / spread)
     # d/dtarget of sum (pred - target)^2 / spread, the spread held fixed
     torch.testing.assert_close(target.grad, 2 * (target.detach() - pred) / spread)
+    # bridge.nmse_detach_spread=false differentiates the spread too: another gradient, the same value
+    free = target.detach().clone().requires_grad_(True)
+    value_free = nmse(pred, free, detach_spread=False)
+    value_free.backward()
+    torch.testing.assert_close(value_free.detach(), value.detach())
+    assert not torch.allclose(free.grad, target.grad, rtol=1e-3)
 
 
 def _massive(n: int, d: int, seed: int) -> torch.Tensor:
