@@ -364,17 +364,27 @@ def prune_bridged_quote_circuit(p: Pipeline, bridge_dir: Path, task: str) -> dic
     cfg = configlib.from_dict(type(p.configs["prune"]), settings)
     model_dir = _bridged_sparse_dir(bridge_dir)
     model, tok = load_model_and_tokenizer(model_dir)
+    # Training with its bridges can cost the sparse model some of its own task skill; the circuit is a means to
+    # choose the channels to move, so a model that now misses the prune stage's target is pruned at its own
+    # validation loss + margin instead (the target's rule, applied to this model alone).
+    _, own = _own_losses(p, {"sparse": (model, tok)}, task)
+    own_target, why = common_target(own, margin=p.plan.target_margin)
+    if own_target > cfg.target_loss:
+        cfg.target_loss = own_target
+    else:
+        why = f"{cfg.target_loss:.3f} (the prune stage's)"
     out = bridge_dir / f"circuit-{task}"
-    print(f"-- prune the bridged sparse model ({model_dir}), {task}, target {cfg.target_loss:.3f}: ", end="",
-          flush=True)
+    print(f"-- prune the bridged sparse model ({model_dir}), {task}: own validation loss "
+          f"{own['sparse']['loss']:.3f}; target {why}: ", end="", flush=True)
     c = prune(model, tok, cfg, progress=False, model_dir=str(model_dir), fallback_dir=str(out))
     if c.failed:
         print(f"no circuit: {c.reason}", flush=True)
-        return {"failed": True, "reason": c.reason}
+        return {"failed": True, "reason": c.reason, "target_loss": cfg.target_loss, "target_why": why}
     c.write(out, configlib.to_dict(cfg), str(model_dir))
     print(f"{c.num_nodes} nodes, {c.num_edges} edges, test loss {c.metrics['circuit']['loss']:.3f}", flush=True)
     return {"failed": False, "circuit_dir": str(out), "nodes": c.num_nodes, "edges": c.num_edges,
-            "loss": c.metrics["circuit"]["loss"], "target_loss": cfg.target_loss, "model_dir": str(model_dir)}
+            "loss": c.metrics["circuit"]["loss"], "target_loss": cfg.target_loss, "target_why": why,
+            "own": own["sparse"], "model_dir": str(model_dir)}
 
 
 def run_intervention(p: Pipeline, bridge_dir: Path, circuit: dict | None = None) -> dict:
