@@ -219,7 +219,7 @@ def _ridge_fit(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, ridge: float) -
 # losses
 
 
-def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, detach_spread: bool = True) -> torch.Tensor:
+def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, detach_spread: bool = False) -> torch.Tensor:
     """sum ||pred - target||^2 / sum ||target - mean||^2 over all tokens (mean per channel over tokens).
 
     With `detach_spread` the denominator is a constant for the gradient: a sparse model that trains

@@ -100,24 +100,24 @@ def test_finetune_holds_the_trained_models_l0_from_its_own_run_config(tmp_path):
                              ["sparse=x", "bridge.train_sparse=false"]).mode == "bridges"
 
 
-def test_nmse_gradient_treats_the_target_spread_as_a_constant():
-    """A sparse model trained with its bridges must not lower NMSE(enc(h_dense), h_sparse) by inflating
-    its own variance: the gradient reaching the target is the numerator's alone."""
+def test_nmse_gradient_treats_the_target_spread_as_a_constant_when_asked():
+    """bridge.nmse_detach_spread: a sparse model trained with its bridges cannot lower NMSE(enc(h_dense),
+    h_sparse) by changing its own variance: the gradient reaching the target is the numerator's alone."""
     from bridges.bridge import nmse
 
     g = torch.Generator().manual_seed(0)
     target = (torch.randn(2, 5, 4, generator=g) * 3 + 1).requires_grad_(True)
     pred = torch.randn(2, 5, 4, generator=g)
-    value = nmse(pred, target)
+    value = nmse(pred, target, detach_spread=True)
     value.backward()
     t = target.detach().flatten(0, -2)
     spread = (t - t.mean(0)).pow(2).sum()
     torch.testing.assert_close(value.detach(), (pred.flatten(0, -2) - t).pow(2).sum() / spread)
     # d/dtarget of sum (pred - target)^2 / spread, the spread held fixed
     torch.testing.assert_close(target.grad, 2 * (target.detach() - pred) / spread)
-    # bridge.nmse_detach_spread=false differentiates the spread too: another gradient, the same value
+    # the default (bridge.nmse_detach_spread=false) differentiates the spread too: another gradient, the same value
     free = target.detach().clone().requires_grad_(True)
-    value_free = nmse(pred, free, detach_spread=False)
+    value_free = nmse(pred, free)
     value_free.backward()
     torch.testing.assert_close(value_free.detach(), value.detach())
     assert not torch.allclose(free.grad, target.grad, rtol=1e-3)
