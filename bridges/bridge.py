@@ -382,7 +382,7 @@ class BridgedPair(nn.Module):
                                  "kl_s2d": [None] * len(pairs)}
         for i, p in enumerate(pairs):
             h_d, h_s = d_acts[p.dense], s_acts[p.sparse]
-            if self.training and self.train_sparse:
+            if self.training and self.train_sparse and torch.is_grad_enabled():  # training steps only
                 self.bridges.follow_sparse_scale(i, h_s, self.cfg.scale_momentum)
             detach = self.cfg.nmse_detach_spread
             site["nmse_enc"].append(nmse(self.bridges.encode(i, h_d), h_s, detach_spread=detach))

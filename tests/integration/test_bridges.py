@@ -249,9 +249,14 @@ def test_joint_run_losses_fall_and_matrices_keep_their_exact_l0(joint_run):
         assert int((w != 0).sum()) == target_count(w.numel(), 0.25), name
     # The bridges are not sparsified.
     maps = load_file(str(joint_run / "bridges.safetensors"))
-    assert sorted(maps) == sorted(f"{m}.{i}.{p}" for m in ("encoders", "decoders") for i in range(5)
-                                  for p in ("weight", "bias"))
+    scales = [f"{side}_scale_{i}" for side in ("dense", "sparse") for i in range(5)]
+    assert sorted(maps) == sorted([f"{m}.{i}.{p}" for m in ("encoders", "decoders") for i in range(5)
+                                   for p in ("weight", "bias")] + scales)
     assert all(float((v != 0).float().mean()) > 0.9 for k, v in maps.items() if k.endswith("weight"))
+    # The maps' units: the dense side's channel spreads where the maps were fitted, the sparse side's RMS
+    # as it was when training ended (not the ones a plain map would have).
+    assert all(maps[f"dense_scale_{i}"].shape == (48,) and float(maps[f"dense_scale_{i}"].min()) > 0 for i in range(5))
+    assert all(float(maps[f"sparse_scale_{i}"]) > 0 and float(maps[f"sparse_scale_{i}"]) != 1.0 for i in range(5))
     meta = json.loads((joint_run / "bridge_config.json").read_text())
     assert meta["mode"] == "joint" and meta["pairing"] == [0, 2, 3, 5, 6] and meta["sparse_model"] == "sparse_model"
     assert meta["widths"] == {"sparse": 32, "dense": 48} and meta["dense_sites"][-1] == "final_resid"
