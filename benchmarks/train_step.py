@@ -17,7 +17,12 @@ one run so that the noise of a shared machine hits every variant alike:
 
 The model step is measured with a plain ``torch.optim.AdamW`` (what DeepSpeed
 wraps on one CPU rank); ``--deepspeed`` times the real ``Trainer.train_step``
-on one rank instead (dense = the same Trainer with sparsity off).
+on one rank instead (dense = the same Trainer with sparsity off). ``--deepspeed
+--dense-preset tiny-dense`` times the main job's own pair: the real Trainer step of
+the ``tiny`` SparseGPT against the ``tiny-dense`` GPT2LMHeadModel, by CPU time, split
+into forward, backward, engine.step, projection and the rest:
+
+    python benchmarks/train_step.py --deepspeed --shapes tiny --dense-preset tiny-dense --threads 1
 
     python benchmarks/train_step.py --shapes tiny paper-1x --precisions fp32 bf16 --json out.json
 """
@@ -250,6 +255,113 @@ def bench_deepspeed(preset: str, precision: str, args, tmp: Path) -> dict:
                 "sparse_no_abstopk": no_abstopk, "l0": l0}
     wall, cpu = interleaved(variants, args.steps, args.warmup)
     return summarize(preset, precision, args, wall, cpu, "DeepSpeed Trainer.train_step (1 rank)")
+
+
+class PartTimer:
+    """CPU (process) seconds per part of one ``Trainer.train_step``, by wrapping its calls on one trainer.
+
+    Parts: ``forward`` (engine forward, incl. loss), ``backward`` (engine.backward), ``engine_step``
+    (engine.step: grad RMS bound + AdamW), ``projection`` (compute_masks + apply_masks); ``rest`` is the
+    step's total minus these (lr, batch slicing, the loss all-reduce, ...).
+    """
+
+    PARTS = ("forward", "backward", "engine_step", "projection")
+
+    def __init__(self, trainer):
+        self.t = trainer
+        self.acc = dict.fromkeys(self.PARTS, 0.0)
+        engine = trainer.engine
+        for attr, part in (("forward", "forward"), ("backward", "backward"), ("step", "engine_step")):
+            setattr(engine, attr, self._timed(getattr(engine, attr), part))
+
+    def _timed(self, fn, part):
+        def wrapped(*a, **k):
+            c0 = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.acc[part] += time.process_time() - c0
+        return wrapped
+
+    def step(self) -> dict[str, float]:
+        """One real ``train_step``; returns the CPU seconds of each part and ``total``."""
+        self.acc = dict.fromkeys(self.PARTS, 0.0)
+        saved = sp.compute_masks, sp.apply_masks
+        sp.compute_masks = self._timed(saved[0], "projection")
+        sp.apply_masks = self._timed(saved[1], "projection")
+        try:
+            c0 = time.process_time()
+            self.t.train_step()
+            total = time.process_time() - c0
+        finally:
+            sp.compute_masks, sp.apply_masks = saved
+        out = dict(self.acc)
+        out["rest"] = total - sum(out.values())
+        out["total"] = total
+        return out
+
+
+def bench_vs_dense(preset: str, dense_preset: str, args, tmp: Path) -> dict:
+    """The real ``Trainer.train_step`` of the main job's two models on one rank, interleaved.
+
+    ``sparse``: the ``pretrain`` preset's SparseGPT with weight sparsity (past annealing: every matrix
+    projected to its target after each step); ``dense``: the ``dense`` preset's GPT2LMHeadModel, built
+    as ``train-dense`` builds it. Both at the presets' own precision and micro-batch (shortened by
+    --batch); CPU time per step, split into parts by :class:`PartTimer`.
+    """
+    from sparse_lm.jobs import DenseConfig, build_model
+    from sparse_lm.trainer import Trainer
+
+    over = [f"train.micro_batch={args.batch}", f"train.global_batch={args.batch}"]
+    cfgs = {"sparse": ("pretrain", configlib.resolve(PretrainConfig, "pretrain", preset, over)),
+            "dense": ("dense", configlib.resolve(DenseConfig, "dense", dense_preset, over))}
+    seq = cfgs["sparse"][1].data.block_size
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (64 * args.batch, seq), generator=gen, dtype=torch.int32)
+    timers, trainers, n_params = {}, {}, {}
+    for name, (job, cfg) in cfgs.items():
+        torch.manual_seed(0)
+        model = build_model(cfg, job, VOCAB)
+        n_params[name] = sum(p.numel() for p in model.parameters())
+        t = Trainer(model=model, run_dir=tmp / f"{name}", train_cfg=cfg.train, optim_cfg=cfg.optim,
+                    train_tokens=tokens, val_tokens=tokens[:args.batch],
+                    sparsity=cfg.sparsity if job == "pretrain" else None, job=job)
+        if job == "pretrain":
+            t.step = int(cfg.sparsity.anneal_end * cfg.train.steps) + 1  # past the annealing
+        else:
+            t.step = cfg.train.steps // 2
+        trainers[name], timers[name] = t, PartTimer(t)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the Trainer set cores / ranks
+    parts: dict[str, list[dict]] = {n: [] for n in timers}
+    names = list(timers)
+    for r in range(args.warmup + args.steps):
+        for n in names[r % 2:] + names[:r % 2]:
+            p = timers[n].step()
+            if r >= args.warmup:
+                parts[n].append(p)
+        print(f"  round {r + 1}/{args.warmup + args.steps}" + (" (warm-up)" if r < args.warmup else "") + ": "
+              + ", ".join(f"{n} {parts[n][-1]['total'] * 1e3:.0f} CPU ms" for n in names if parts[n]),
+              file=sys.stderr, flush=True)
+    med = {n: {k: statistics.median(p[k] for p in parts[n]) for k in (*PartTimer.PARTS, "rest", "total")}
+           for n in names}
+    tokens_per_step = args.batch * seq
+    return {"shape": f"{preset} vs {dense_preset}", "precision": cfgs["sparse"][1].train.precision,
+            "threads": torch.get_num_threads(), "tokens_per_step": tokens_per_step, "params": n_params,
+            "cpu_median_s": med, "cpu_parts_s": parts,
+            "cpu_ratio_sparse_dense": med["sparse"]["total"] / med["dense"]["total"]}
+
+
+def vs_dense_table(res: dict) -> str:
+    med = res["cpu_median_s"]
+    lines = [f"{res['shape']}, {res['precision']}, {res['threads']} thread(s), {res['tokens_per_step']} tokens/step; "
+             f"params sparse {res['params']['sparse']:,} dense {res['params']['dense']:,}; "
+             f"CPU ms per step (median): sparse/dense = {res['cpu_ratio_sparse_dense']:.2f}x",
+             "| part | sparse | dense | sparse - dense |", "|---|---|---|---|"]
+    for k in (*PartTimer.PARTS, "rest", "total"):
+        s, d = 1e3 * med["sparse"][k], 1e3 * med["dense"][k]
+        lines.append(f"| {k} | {s:.1f} | {d:.1f} | {s - d:+.1f} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -540,6 +652,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--gpt2", action="store_true", help="also time a transformers GPT2LMHeadModel of the same shape")
     ap.add_argument("--deepspeed", action="store_true", help="time the real Trainer.train_step on 1 rank")
+    ap.add_argument("--dense-preset", default=None,
+                    help="with --deepspeed: time the real Trainer.train_step of each --shapes preset (sparse) against "
+                         "this dense preset's GPT2LMHeadModel (the main job's pair: tiny vs tiny-dense), with a "
+                         "per-part CPU-time breakdown")
     ap.add_argument("--kernels", action="store_true",
                     help="time AbsTopK and L0-projection implementations alone (on one step's real inputs)")
     ap.add_argument("--json", type=Path, default=None, help="write every row (with raw times) here")
@@ -561,6 +677,25 @@ def main(argv: list[str] | None = None) -> None:
                 print(kernel_table(out[-1]) + "\n", flush=True)
         if args.json:
             args.json.write_text(json.dumps({"meta": meta, "kernels": out}, indent=2) + "\n")
+        return
+    if args.dense_preset:
+        import shutil
+        import tempfile
+
+        from sparse_lm.trainer import shutdown_distributed
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-vs-dense-"))
+        out = []
+        try:
+            for preset in args.shapes:
+                print(f"{preset} vs {args.dense_preset} ...", file=sys.stderr, flush=True)
+                out.append(bench_vs_dense(preset, args.dense_preset, args, tmp))
+                print(vs_dense_table(out[-1]) + "\n", flush=True)
+        finally:
+            shutdown_distributed()
+            shutil.rmtree(tmp, ignore_errors=True)
+        if args.json:
+            args.json.write_text(json.dumps({"meta": meta, "vs_dense": out}, indent=2) + "\n")
         return
     rows = []
     tmp = None

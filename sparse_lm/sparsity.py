@@ -161,9 +161,8 @@ def _topk_mask_compiled(score: torch.Tensor, k: int, fan_dims, min_fan: int) -> 
     """
     from sparse_lm.topk import topk_rows_mask_fast
 
-    forced = None
     if fan_dims and min_fan > 0:
-        forced = torch.zeros_like(score, dtype=torch.bool)
+        forced, most = None, 0
         for dim in fan_dims:
             m = min(min_fan, score.shape[dim])
             if m >= score.shape[dim]:
@@ -171,10 +170,14 @@ def _topk_mask_compiled(score: torch.Tensor, k: int, fan_dims, min_fan: int) -> 
             slice_mask = topk_rows_mask_fast(score.movedim(dim, -1), m)  # (..., slice) rows
             if slice_mask is None:
                 return None
-            forced |= slice_mask.movedim(-1, dim)
-        if int(forced.sum()) > k:  # over budget (check_fan_budget rejects it): L0 depends on ties, use torch's
+            slice_mask = slice_mask.movedim(-1, dim)
+            forced = slice_mask if forced is None else forced | slice_mask
+            most += m * (score.numel() // score.shape[dim])  # m per slice
+        # Over budget (check_fan_budget rejects it): L0 depends on ties, use torch's. Counted only
+        # when the bound allows it: the count of a whole bool matrix costs as much as its selection.
+        if most > k and int(forced.count_nonzero()) > k:
             return None
-        score = score.masked_fill(forced, float("inf"))  # forced entries rank above all others
+        score.masked_fill_(forced, float("inf"))  # forced entries rank above all others (score is our copy)
     if k >= score.numel():
         return torch.ones_like(score, dtype=torch.bool)
     mask = topk_rows_mask_fast(score.view(1, -1), k)  # one row: the whole matrix

@@ -321,9 +321,11 @@ class Trainer:
     def _make_engine(self, model: torch.nn.Module):
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         mode = self.oc.grad_rms_mode if self.oc.grad_rms_bound else "none"
+        # fused: one kernel per parameter instead of ~10 tensor ops; on CPU ~4x faster (the bigram
+        # table makes AdamW a tenth of a SparseGPT step), the same update up to float rounding.
         optimizer = GradRMSAdamW(self._param_groups(model), mode=mode, bound=self.oc.grad_rms_bound,
                                  n_params=n_params, lr=self.oc.lr, betas=(self.oc.beta1, self.oc.beta2),
-                                 eps=self.oc.eps)
+                                 eps=self.oc.eps, fused=self.device.type in ("cpu", "cuda"))
         ds_config = {
             "train_batch_size": self.tc.global_batch,
             "train_micro_batch_size_per_gpu": self.tc.micro_batch,
