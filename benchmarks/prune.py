@@ -1,8 +1,8 @@
 """Seconds per mask step, per mean-activation pass, per pruning run and per CARBS suggestion.
 
     .venv/bin/python benchmarks/prune.py [--shapes tiny] [--precisions bf16 fp32 bf16-autocast]
-                                         [--paths today fast] [--full --steps 100] [--tokenizer DIR]
-                                         [--json out.json]
+                                         [--paths today fast] [--batch 64] [--threads N] [--no-means]
+                                         [--full --steps 100] [--tokenizer DIR] [--json out.json]
 
 Models are SparseGPTs of the preset shapes with random weights, each block
 matrix cut to the preset's kept fraction (the cost of a pruning run depends on
@@ -59,7 +59,9 @@ def sparse_model(shape: str, tok):
 
 # The mask step's forward pass before and after the fast path (pruning.forward, pruning.pruner.Ablation):
 # "today" is the plain pass of before (greedy length groups, the whole last block, autograd's addcmul),
-# "fast" the default now (least-padding chunks, the last block trimmed to the last positions, fused ablation).
+# "fast" the default now (least-padding chunks, the last block trimmed to the last positions, the other blocks
+# with flash attention for the frozen sink and unstrided bf16 q/k/v casts, fused ablation with the closed
+# part made once per mask and all-open sites passed through).
 PATHS = {"today": {"fused": False, "trim": False, "min_padding": False},
          "fast": {"fused": True, "trim": True, "min_padding": True}}
 
@@ -200,8 +202,13 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also whole pruning runs and CARBS suggestions")
     ap.add_argument("--steps", type=int, default=100, help="mask-training steps per --full run (default config: 200)")
     ap.add_argument("--tokenizer", default=None, help="a saved tokenizer folder instead of training one")
+    ap.add_argument("--batch", type=int, default=64, help="prompts per mask step (the pruner's default 64; a sweep: 32)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--no-means", action="store_true", help="skip the mean-activation pass")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.tokenizer:
         from transformers import AutoTokenizer
 
@@ -212,8 +219,9 @@ def main() -> None:
 
         tok = train_tokenizer(load_corpus("stdlib"), vocab_size=2048)
     out: dict = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()}
-    out["mask_step"] = [bench_mask_step(shape, tok, args.precisions, args.paths) for shape in args.shapes]
-    out["means"] = [bench_means(shape, tok) for shape in args.shapes]
+    out["mask_step"] = [bench_mask_step(shape, tok, args.precisions, args.paths, batch=args.batch)
+                        for shape in args.shapes]
+    out["means"] = [] if args.no_means else [bench_means(shape, tok) for shape in args.shapes]
     out["load_after"] = os.getloadavg()
     print(json.dumps(out, indent=1), flush=True)
     print(f"\nload average before {out['load_before'][0]:.1f}, after {out['load_after'][0]:.1f} "
@@ -223,11 +231,11 @@ def main() -> None:
           " | ".join(f"{p} fast vs today (wall, CPU)" for p in out["mask_step"][0]["fast_vs_today"]) +
           " | means s (CPU s) |")
     print("|---" * (len(variants) + len(out["mask_step"][0]["fast_vs_today"]) + 2) + "|")
-    for r, m in zip(out["mask_step"], out["means"]):
+    for r, m in zip(out["mask_step"], out["means"] or [None] * len(out["mask_step"])):
         print(f"| {r['shape']} | " + " | ".join(f"{r['ms_per_mask_step'][v]:.0f} ({r['cpu_ms_per_mask_step'][v]:.0f})"
                                                 for v in variants) + " | "
               + " | ".join(f"{x['wall']:.2f}x, {x['cpu']:.2f}x" for x in r["fast_vs_today"].values())
-              + f" | {m['means_s']:.1f} ({m['means_cpu_s']:.1f}) |")
+              + (" | - |" if m is None else f" | {m['means_s']:.1f} ({m['means_cpu_s']:.1f}) |"))
     if args.full:
         rows = []
         with tempfile.TemporaryDirectory() as work:

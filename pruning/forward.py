@@ -10,7 +10,11 @@ unembedded (the architecture's fast head, `sparse_lm.arch`; checked against
 the full forward pass by `fast_head_ok` before use). For a SparseGPT the last
 block also computes only what the last positions need (`_sparse_gpt_last_resid`:
 keys and values at every position, the query, attention output and MLP at the
-last one; about a fifth of a 4-layer model's work). Examples are grouped by
+last one; about a fifth of a 4-layer model's work), and the other blocks run
+as `_block`: the model's block with every site called as there, but the
+attention of a frozen sink through SDPA's flash kernel (`_attend`) and, in
+bf16, the query, key and value cast from bf16 one by one (`_qkv`), so no
+AbsTopK copies a strided view. Examples are grouped by
 length into the chunks that pad least (`min_padding_chunks`: a minibatch of 64
 quote prompts, ~5.2k real tokens, pads to ~6.1k instead of ~7.5k with greedy
 groups). Each of these gives the loss and mask gradients of the plain forward
@@ -30,6 +34,7 @@ so an objective other than the binary one can be swapped in there.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -157,7 +162,8 @@ def _sparse_gpt_last_resid(model: SparseGPT, input_ids: torch.Tensor, last: torc
     """The ``final_resid`` value at position `last` of each row, (B, d_model), by `SparseGPT.forward`
     with its last block cut to what those positions need.
 
-    Every block but the last runs as the model's own. In the last block the keys and values are
+    Every block but the last runs as the model's own (`_block`, which differs only in how it attends,
+    `_attend`, and casts the bf16 query, key and value, `_qkv`). In the last block the keys and values are
     needed at every position (the last query reads them), but the query, the attention output and
     the MLP only at the last one: nothing after them reads another position. Every site is called
     as in the model (AbsTopK and hooks act per position, so a site sees the same values at the
@@ -169,14 +175,14 @@ def _sparse_gpt_last_resid(model: SparseGPT, input_ids: torch.Tensor, last: torc
     tr = model.transformer
     x = tr.wte(input_ids) + tr.wpe.weight[:T].unsqueeze(0)  # (B, T, d_model)
     for block in tr.h[:-1]:
-        x = block(x)
+        x = _block(block, x)
     block = tr.h[-1]
     attn = block.attn
     rows = torch.arange(B, device=input_ids.device)
     x = block.resid_in(x)
     h = attn.act_in(block.ln_1(x))  # (B, T, d_model)
     d_attn, H, D = attn.n_head * attn.d_head, attn.n_head, attn.d_head
-    q, k, v = attn.c_attn(h).split(d_attn, dim=2)  # 3 x (B, T, d_attn)
+    q, k, v = _qkv(attn, h)  # 3 x (B, T, d_attn)
     q = attn.q(q[rows, last].unsqueeze(1)).view(B, 1, H, D).transpose(1, 2)  # (B, nh, 1, hs)
     k = attn.k(k).view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
     v = attn.v(v).view(B, T, H, D).transpose(1, 2)
@@ -194,6 +200,64 @@ def _sparse_gpt_last_resid(model: SparseGPT, input_ids: torch.Tensor, last: torc
     x = x + block.mlp(block.ln_2(x))
     x = F.relu(x) if block.relu_resid else x
     return model.final_resid(x).squeeze(1)  # (B, d_model)
+
+
+def _qkv(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value of a SparseGPT attention, 3 x (B, T, d_attn), before their sites, as
+    ``attn.c_attn(h).split(d_attn, dim=2)``. Inside precision bf16 the bf16 product is split first and
+    each third cast to float32 alone: the same values, but each one contiguous, so the AbsTopK of
+    its site copies nothing (a split of the float32 product gives strided views, which it copies)."""
+    d_attn = attn.n_head * attn.d_head
+    weights = _BF16_WEIGHTS.get(attn.c_attn)
+    if weights is None:
+        return attn.c_attn(h).split(d_attn, dim=2)
+    q, k, v = F.linear(h.to(torch.bfloat16), *weights).split(d_attn, dim=2)
+    return q.float(), k.float(), v.float()
+
+
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a SparseGPT attention layer, (B, nh, T, hs) from 3 x (B, nh, T, hs), with its
+    sink (a key of zeros with logit sink_logit and a value of zeros) when it has one.
+
+    With a frozen sink logit the sink is one more zero key and value in front, and its logit and the
+    causal mask one additive mask, the way SDPA's flash kernel takes them: on CPU it takes a mask only
+    while the mask carries no gradient, and at the task's lengths (~30-130 tokens) its forward and
+    backward cost about half of the same softmax written out (baddbmm, softmax, bmm; measured at
+    (16, 8, 96, 32), 1 thread: 14 vs 31 ms). A trainable sink logit uses the model's own attention.
+    """
+    B, H, T, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    if attn.sink_logit is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if attn.sink_logit.requires_grad:
+        return attn._attend_with_sink(q, k, v, scale)
+    zeros = q.new_zeros(B, H, 1, D)
+    k = torch.cat([zeros, k], dim=2)  # (B, nh, 1+T, hs): slot 0 is the sink
+    v = torch.cat([zeros, v], dim=2)
+    # Query t sees the sink (column 0, logit sink_logit) and keys 0..t (columns 1..t+1).
+    mask = torch.full((T, T + 1), float("-inf"), dtype=q.dtype, device=q.device).triu(2)  # (T, 1+T)
+    mask = mask.expand(H, T, T + 1).clone()  # (nh, T, 1+T)
+    mask[:, :, 0] = attn.sink_logit.to(q.dtype).view(H, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0), scale=scale)
+
+
+def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A SparseGPT `Block.forward` (its attention's forward inlined, every site called as there),
+    with the query, key and value from `_qkv` and the attention of `_attend`."""
+    attn = block.attn
+    B, T, _ = x.shape
+    H, D = attn.n_head, attn.d_head
+    x = block.resid_in(x)
+    q, k, v = _qkv(attn, attn.act_in(block.ln_1(x)))  # 3 x (B, T, nh*hs)
+    q = attn.q(q).view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
+    k = attn.k(k).view(B, T, H, D).transpose(1, 2)
+    v = attn.v(v).view(B, T, H, D).transpose(1, 2)
+    y = _attend(attn, q, k, v)  # (B, nh, T, hs)
+    y = attn.y(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, nh*hs)
+    x = x + attn.resid_delta(attn.c_proj(y))
+    x = block.resid_mid(F.relu(x) if block.relu_resid else x)
+    x = x + block.mlp(block.ln_2(x))
+    return F.relu(x) if block.relu_resid else x
 
 
 @torch.no_grad()
@@ -298,6 +362,12 @@ def precision_context(precision: str, device: torch.device | str, model: nn.Modu
     raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
+# The bf16 copies (weight, bias) of each nn.Linear inside `_bf16_linears`, for forward passes here that
+# multiply with them directly (`_qkv`).
+_BF16_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = \
+    weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def _bf16_linears(model: nn.Module) -> Iterator[None]:
     """Each nn.Linear of `model` computes in bf16 (weights cast once, frozen) and returns float32."""
@@ -313,10 +383,12 @@ def _bf16_linears(model: nn.Module) -> Iterator[None]:
             w = lin.weight.detach().to(torch.bfloat16)
             b = None if lin.bias is None else lin.bias.detach().to(torch.bfloat16)
             lin.forward = lambda x, w=w, b=b: bf16_forward(x, w, b)  # an instance attribute shadows the method
+            _BF16_WEIGHTS[lin] = (w, b)
         yield
     finally:
         for lin in linears:
             vars(lin).pop("forward", None)
+            _BF16_WEIGHTS.pop(lin, None)
 
 
 def task_loss(margin: torch.Tensor, family: torch.Tensor) -> torch.Tensor:

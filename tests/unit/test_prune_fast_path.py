@@ -62,17 +62,22 @@ def random_batch(n: int = 24, seed: int = 1) -> TaskBatch:
 
 
 def mask_step(model: SparseGPT, batch: TaskBatch, *, fast_path: bool, precision: str = "fp32",
-              chunk_tokens: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
-    """(task loss, d loss / d tau) of one mask step, by the fast path or the plain one."""
+              chunk_tokens: int = 200, open_sites: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(task loss, d loss / d tau) of one mask step, by the fast path or the plain one; the first
+    `open_sites` node sites have every node open (the fast path passes them through)."""
     index = NodeIndex.build(model, PruneConfig().node_sites)
     mean_vec = 0.5 * torch.randn(index.total, generator=torch.Generator().manual_seed(2))
     tau = torch.randn(index.total, generator=torch.Generator().manual_seed(3)) + 0.4  # ~1/3 closed
+    for site in index.sites[:open_sites]:
+        tau[site.offset : site.offset + site.width] = tau[site.offset : site.offset + site.width].abs() + 0.1
     tau.requires_grad_(True)
     ablation = Ablation(model, index, mean_vec, fused=fast_path)
     with frozen(model), ablation.installed(torch.ones(index.total), all_sites=True), \
             precision_context(precision, "cpu", model):
         mask = heaviside_ste(tau, 1.0)
         ablation.set(mask)
+        if fast_path:  # the fused path knows which sites are all open (and passes them through)
+            assert sum(ablation._open.values()) == open_sites
         margin = batch_margins(model, batch, chunk_tokens=chunk_tokens, fast=fast_path, trim=fast_path,
                                min_padding=fast_path)[0]
         loss = task_loss(margin, batch.family)
@@ -89,6 +94,21 @@ def test_fast_mask_step_matches_plain(sink, relu_resid, n_layer):
     loss, grad = mask_step(model, batch, fast_path=True)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5 * float(grad_ref.abs().max()))
+
+
+def test_fast_mask_step_with_open_sites_matches_plain():
+    """Sites with every node open take the pass-through path of the fused ablation; their masks still get
+    the gradient of the plain path (and the sites after them see exactly the same values)."""
+    model = small_model()
+    batch = random_batch()
+    index = NodeIndex.build(model, PruneConfig().node_sites)
+    n_open = len(index.sites) // 2
+    loss_ref, grad_ref = mask_step(model, batch, fast_path=False, open_sites=n_open)
+    loss, grad = mask_step(model, batch, fast_path=True, open_sites=n_open)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5 * float(grad_ref.abs().max()))
+    first_open = index.sites[0]
+    assert bool((grad[first_open.offset : first_open.offset + first_open.width] != 0).any())
 
 
 def test_fast_mask_step_matches_plain_in_bf16():
@@ -109,6 +129,17 @@ def test_trimmed_last_block_gives_full_logits():
     torch.testing.assert_close(last_logits(model, batch, trim=True), full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last_logits(model, batch, trim=False), full, rtol=1e-5, atol=1e-5)
     assert fast_head_ok(model, batch)
+
+
+def test_fast_forward_in_bf16_gives_the_models_logits():
+    """Inside precision bf16 the pruner's forward (blocks with `_qkv`: the bf16 query, key and value cast
+    one by one) computes the values the model's own forward does, up to the order of float sums."""
+    model = small_model(n_layer=3)
+    batch = random_batch()
+    with frozen(model), precision_context("bf16", "cpu", model):
+        full = last_logits(model, batch, fast=False)
+        fast = last_logits(model, batch)
+    torch.testing.assert_close(fast, full, rtol=1e-3, atol=1e-3)
 
 
 def test_trimmed_attention_reads_the_sink():
