@@ -61,5 +61,16 @@ fi
 cleanup_shm() { rm -f /dev/shm/deepspeed_allreduce_buffer_*_"${port}"_* 2>/dev/null || true; }
 trap cleanup_shm EXIT
 
+# A JIT build (DeepSpeed's CPU op, the AbsTopK op) killed midway leaves its `lock` file behind, and every later
+# start then waits on it forever without a word (seen twice on a development machine). A build takes under a
+# minute: a lock older than 10 minutes while no build runs is stale.
+ext_dir="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
+if [[ -d "$ext_dir" ]] && ! pgrep -x ninja >/dev/null 2>&1; then
+  while IFS= read -r stale; do
+    echo "pretrain.sh: removing $stale, left by a JIT build that was killed" >&2
+    rm -f "$stale"
+  done < <(find "$ext_dir" -maxdepth 3 -name lock -mmin +10 2>/dev/null)
+fi
+
 echo "pretrain.sh: $nproc rank(s) on $([[ $gpus -gt 0 ]] && echo "GPU (nccl)" || echo "CPU (gloo, OMP_NUM_THREADS=$OMP_NUM_THREADS)")" >&2
 "$ds" --num_gpus "$nproc" "${launcher_args[@]}" --no_local_rank --module sparse_lm_app "$command" "$@"
