@@ -54,7 +54,7 @@ class Plan:
 
 # Measured on a 2-core CPU (make demo, 2026-12-02): data, sparse, dense, eval as run; prune from its sweeps' runs
 # (~185 s a CARBS suggestion on one core, 16 suggestions on 2 workers, 3 learned circuits, attribution, the control);
-# bridge from the previous version's stage (the finetuned bridge is not yet timed at this size).
+# bridge as run (finetune, 300 steps, then the bridged circuit and the intervention: 32.4-33.4 min).
 TINY_MINUTES = {"data": 0.3, "sparse": 51.0, "dense": 14.0, "eval": 4.0, "prune": 80.0, "bridge": 32.0,
                 "report": 0.1}
 # long: tiny's stages with 3.75x tiny's sparse steps and 3.75x its dense steps, scaled from the measured
