@@ -11,10 +11,10 @@ the full forward pass by `fast_head_ok` before use). For a SparseGPT the last
 block also computes only what the last positions need (`_sparse_gpt_last_resid`:
 keys and values at every position, the query, attention output and MLP at the
 last one; about a fifth of a 4-layer model's work), and the other blocks run
-as `_block`: the model's block with every site called as there, but the
-attention of a frozen sink through SDPA's flash kernel (`_attend`) and, in
-bf16, the query, key and value cast from bf16 one by one (`_qkv`), so no
-AbsTopK copies a strided view. Examples are grouped by
+as `_block`: the model's block with every site called as there, but, in bf16,
+the query, key and value cast from bf16 one by one (`_qkv`), so no AbsTopK
+copies a strided view (a frozen model's sink attention takes SDPA's flash
+kernel in the model itself). Examples are grouped by
 length into the chunks that pad least (`min_padding_chunks`: a minibatch of 64
 quote prompts, ~5.2k real tokens, pads to ~6.1k instead of ~7.5k with greedy
 groups). Each of these gives the loss and mask gradients of the plain forward
@@ -162,8 +162,8 @@ def _sparse_gpt_last_resid(model: SparseGPT, input_ids: torch.Tensor, last: torc
     """The ``final_resid`` value at position `last` of each row, (B, d_model), by `SparseGPT.forward`
     with its last block cut to what those positions need.
 
-    Every block but the last runs as the model's own (`_block`, which differs only in how it attends,
-    `_attend`, and casts the bf16 query, key and value, `_qkv`). In the last block the keys and values are
+    Every block but the last runs as the model's own (`_block`, which differs only in how it casts the
+    bf16 query, key and value, `_qkv`). In the last block the keys and values are
     needed at every position (the last query reads them), but the query, the attention output and
     the MLP only at the last one: nothing after them reads another position. Every site is called
     as in the model (AbsTopK and hooks act per position, so a site sees the same values at the
@@ -215,35 +215,9 @@ def _qkv(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return q.float(), k.float(), v.float()
 
 
-def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of a SparseGPT attention layer, (B, nh, T, hs) from 3 x (B, nh, T, hs), with its
-    sink (a key of zeros with logit sink_logit and a value of zeros) when it has one.
-
-    With a frozen sink logit the sink is one more zero key and value in front, and its logit and the
-    causal mask one additive mask, the way SDPA's flash kernel takes them: on CPU it takes a mask only
-    while the mask carries no gradient, and at the task's lengths (~30-130 tokens) its forward and
-    backward cost about half of the same softmax written out (baddbmm, softmax, bmm; measured at
-    (16, 8, 96, 32), 1 thread: 14 vs 31 ms). A trainable sink logit uses the model's own attention.
-    """
-    B, H, T, D = q.shape
-    scale = 1.0 / math.sqrt(D)
-    if attn.sink_logit is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if attn.sink_logit.requires_grad:
-        return attn._attend_with_sink(q, k, v, scale)
-    zeros = q.new_zeros(B, H, 1, D)
-    k = torch.cat([zeros, k], dim=2)  # (B, nh, 1+T, hs): slot 0 is the sink
-    v = torch.cat([zeros, v], dim=2)
-    # Query t sees the sink (column 0, logit sink_logit) and keys 0..t (columns 1..t+1).
-    mask = torch.full((T, T + 1), float("-inf"), dtype=q.dtype, device=q.device).triu(2)  # (T, 1+T)
-    mask = mask.expand(H, T, T + 1).clone()  # (nh, T, 1+T)
-    mask[:, :, 0] = attn.sink_logit.to(q.dtype).view(H, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0), scale=scale)
-
-
 def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A SparseGPT `Block.forward` (its attention's forward inlined, every site called as there),
-    with the query, key and value from `_qkv` and the attention of `_attend`."""
+    with the query, key and value from `_qkv`."""
     attn = block.attn
     B, T, _ = x.shape
     H, D = attn.n_head, attn.d_head
@@ -252,7 +226,7 @@ def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q = attn.q(q).view(B, T, H, D).transpose(1, 2)  # (B, nh, T, hs)
     k = attn.k(k).view(B, T, H, D).transpose(1, 2)
     v = attn.v(v).view(B, T, H, D).transpose(1, 2)
-    y = _attend(attn, q, k, v)  # (B, nh, T, hs)
+    y = attn.attend(q, k, v)  # (B, nh, T, hs)
     y = attn.y(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, nh*hs)
     x = x + attn.resid_delta(attn.c_proj(y))
     x = block.resid_mid(F.relu(x) if block.relu_resid else x)

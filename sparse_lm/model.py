@@ -173,17 +173,23 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.d_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.d_head).transpose(1, 2)
-        scale = 1.0 / math.sqrt(self.d_head)
-        if self.sink_logit is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:
-            y = self._attend_with_sink(q, k, v, scale)
+        y = self.attend(q, k, v)  # (B, nh, T, hs)
         y = self.y(y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head))  # (B, T, nh*hs)
         return self.resid_delta(self.c_proj(y))
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention, with the sink when there is one: 3 x (B, nh, T, hs) -> (B, nh, T, hs)."""
+        scale = 1.0 / math.sqrt(self.d_head)
+        if self.sink_logit is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return self._attend_with_sink(q, k, v, scale)
+
     def _attend_with_sink(self, q, k, v, scale):
         B, H, T, D = q.shape
-        if q.device.type != "cpu":
+        if q.device.type != "cpu" or not (torch.is_grad_enabled() and self.sink_logit.requires_grad):
+            # GPUs; and on CPU a sink logit that takes no gradient (evaluation, a frozen model being
+            # pruned): the mask then carries none, and SDPA takes its flash kernel (~0.75x the cost
+            # of the written-out version below at the pruner's lengths).
             return self._attend_with_sink_sdpa(q, k, v, scale)
         # The same fp32 computation as the masked SDPA below (on CPU its math path, which upcasts
         # to fp32), written out: ~0.75x its cost, the masked softmax and the padded copies gone.
