@@ -34,8 +34,10 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """Task loss and accuracy of `model` on `n` examples of `split`.
 
-    Returns ``{"task", "loss", "accuracy", "examples", "dropped"}``: examples is
-    the number scored, dropped the number that broke the tokenization contract.
+    Returns ``{"task", "loss", "accuracy", "auc", "examples", "dropped"}``: examples is
+    the number scored, dropped the number that broke the tokenization contract. ``auc`` is `separation_auc`:
+    whether the model tells the families apart at all, which accuracy hides when a bias always picks one
+    completion (accuracy 0.5, auc well above 0.5).
     The averages are over the whole split (per family, then over families), not
     means of batch means. The model must already be on `device` (default: the
     device of its first parameter); it is put in eval mode and restored after.
@@ -48,6 +50,7 @@ def evaluate_task(
     model.eval()
     losses: list[torch.Tensor] = []
     corrects: list[torch.Tensor] = []
+    margin_list: list[torch.Tensor] = []
     families: list[torch.Tensor] = []
     try:
         everything = encode_examples(tokenizer, resolved.examples, max_length=max_length)
@@ -58,6 +61,7 @@ def evaluate_task(
             margin = margins(last, batch.target_ids, batch.distractor_ids)  # (B,)
             losses.append(F.softplus(-margin).cpu())
             corrects.append((margin > 0).float().cpu())
+            margin_list.append(margin.float().cpu())
             families.append(batch.family.cpu())
     finally:
         model.train(was_training)
@@ -66,9 +70,34 @@ def evaluate_task(
         "task": task.name,
         "loss": _family_average(torch.cat(losses), family),
         "accuracy": _family_average(torch.cat(corrects), family),
+        "auc": separation_auc(torch.cat(margin_list), family),
         "examples": len(resolved.examples),
         "dropped": resolved.dropped,
     }
+
+
+def separation_auc(margin: torch.Tensor, family: torch.Tensor) -> float:
+    """How well the model's logit difference ranks the two families: the probability that a random family-0 prompt
+    has a larger logit(completion 0) - logit(completion 1) than a random family-1 prompt (ties count half).
+
+    0.5 is no separation, 1.0 a perfect ranking. Unlike accuracy it ignores a constant bias toward one
+    completion, so a model that always answers the common token (accuracy 0.5) but is less sure of it on the
+    other family shows up as auc > 0.5. `margin` is (target - distractor) per prompt; NaN when a family is missing.
+    """
+    diff = torch.where(family == 0, margin, -margin).double()  # logit(c0) - logit(c1)
+    a, b = diff[family == 0], diff[family == 1]
+    if a.numel() == 0 or b.numel() == 0:
+        return float("nan")
+    # Mann-Whitney U from ranks (average ranks for ties): O(n log n), no (n0, n1) matrix.
+    values = torch.cat([a, b])
+    order = values.argsort()
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(1, values.numel() + 1, dtype=values.dtype)
+    uniq, inverse = values.unique(return_inverse=True)
+    ranks = torch.zeros(uniq.numel(), dtype=values.dtype).index_add_(0, inverse, ranks)[inverse] / torch.bincount(
+        inverse, minlength=uniq.numel()).to(values.dtype)[inverse]
+    u = ranks[: a.numel()].sum() - a.numel() * (a.numel() + 1) / 2
+    return float(u / (a.numel() * b.numel()))
 
 
 def _family_average(values: torch.Tensor, family: torch.Tensor) -> float:

@@ -339,16 +339,37 @@ def test_evaluate_task_and_table(tokenizer, tiny_gpt2):
     rows = evaluate_tasks(tiny_gpt2, tokenizer, ["single_double_quote", "for_while"], split="val", n=32, batch_size=8)
     assert [row["task"] for row in rows] == ["single_double_quote", "for_while"]
     for row in rows:
-        assert set(row) == {"task", "loss", "accuracy", "examples", "dropped"}
+        assert set(row) == {"task", "loss", "accuracy", "auc", "examples", "dropped"}
         assert row["examples"] + row["dropped"] == 32
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["loss"] > 0
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["loss"] > 0 and 0.0 <= row["auc"] <= 1.0
     # Batching does not change the result: the averages are over the whole split.
     again = evaluate_task(tiny_gpt2, tokenizer, "for_while", split="val", n=32, batch_size=32)
     assert again["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)
     table = format_table(rows)
     lines = table.splitlines()
-    assert lines[0].split() == ["task", "loss", "accuracy", "examples", "dropped"]
+    assert lines[0].split() == ["task", "loss", "accuracy", "auc", "examples", "dropped"]
     assert "single_double_quote" in lines[2] and f"{rows[0]['loss']:.4f}" in lines[2]
+
+
+def test_separation_auc_counts_ranked_pairs_and_ignores_a_constant_bias():
+    from tasks.evaluate import separation_auc
+
+    g = torch.Generator().manual_seed(0)
+    family = torch.randint(0, 2, (300,), generator=g)
+    diff = (torch.randint(-8, 9, (300,), generator=g) + 3 * (family == 0)).double()  # logit(c0) - logit(c1), ties
+    margin = torch.where(family == 0, diff, -diff)  # target - distractor
+    a, b = diff[family == 0], diff[family == 1]
+    brute = ((a[:, None] > b[None, :]).double() + 0.5 * (a[:, None] == b[None, :]).double()).mean().item()
+    assert separation_auc(margin, family) == pytest.approx(brute, abs=1e-12)
+    assert 0.6 < brute < 0.8
+    # A model that always prefers completion 0 by a wide margin: accuracy 0.5, but the ranking is still there.
+    biased = diff + 16.0  # exact in float64: the same ties
+    biased_margin = torch.where(family == 0, biased, -biased)
+    assert ((biased_margin > 0).double()[family == 1].mean().item()) == 0.0
+    assert separation_auc(biased_margin, family) == pytest.approx(brute, abs=1e-12)
+    # The same logit differences under swapped labels mirror the score; a missing family gives NaN.
+    assert separation_auc(-margin, 1 - family) == pytest.approx(1 - brute, abs=1e-12)
+    assert math.isnan(separation_auc(margin[family == 0], family[family == 0]))
 
 
 def test_describe_tasks_lists_tokens_and_errors(tokenizer):
