@@ -266,6 +266,20 @@ class Block(nn.Module):
         return F.relu(x) if self.relu_resid else x
 
 
+def _kept_positions(logits_to_keep: int | torch.Tensor, T: int) -> slice | torch.Tensor | None:
+    """What ``logits_to_keep`` selects along the T positions: None for all of them (0, the default,
+    so the full logits are computed exactly as without the argument), a slice for the last n, or
+    a 1-D tensor of positions."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() != 1 or logits_to_keep.dtype == torch.bool or logits_to_keep.is_floating_point():
+            raise ValueError(f"logits_to_keep as a tensor must be 1-D integer positions, got "
+                             f"{logits_to_keep.dtype} of shape {tuple(logits_to_keep.shape)}")
+        return logits_to_keep
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 or a 1-D tensor of positions, got {logits_to_keep!r}")
+    return None if logits_to_keep == 0 else slice(max(T - logits_to_keep, 0), None)
+
+
 class SparseGPT(PreTrainedModel, GenerationMixin):
     config_class = SparseGPTConfig
     base_model_prefix = "transformer"
@@ -343,25 +357,37 @@ class SparseGPT(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         labels: torch.LongTensor | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **unused,
     ) -> CausalLMOutput:
         """Logits for every position; ``labels`` (usually ``input_ids``) are shifted inside.
 
-        Extra keyword arguments from generic callers (``attention_mask``,
-        ``use_cache``...) are accepted and ignored: there is no padding-aware
-        attention and no KV cache; right-pad and read the last real position.
+        ``logits_to_keep`` is transformers' argument of that name: an int n keeps the last
+        n positions (0, the default, keeps all), a 1-D tensor keeps those positions of every
+        row; the logits are then (B, kept, vocab). Only the unembedding is cut: every site
+        still sees all T positions. Extra keyword arguments from generic callers
+        (``attention_mask``, ``use_cache``...) are accepted and ignored: there is no
+        padding-aware attention and no KV cache; right-pad and read the last real position.
         """
         B, T = input_ids.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        keep = _kept_positions(logits_to_keep, T)
+        if keep is not None and labels is not None:
+            raise ValueError("labels need the logits of every position: pass logits_to_keep=0 (the default) with them")
         tr = self.transformer
         x = tr.wte(input_ids) + tr.wpe.weight[:T].unsqueeze(0)  # (B, T, d_model)
         for block in tr.h:
             x = block(x)
         x = self.final_resid(x)
-        logits = self.lm_head(tr.ln_f(x)) + self.final_logits_bias  # (B, T, vocab)
+        tokens = input_ids
+        if keep is not None:
+            # After the last site (hooks see every position), before the unembedding: the bigram
+            # table's rows are read at the same positions, by the tokens there.
+            x, tokens = x[:, keep], input_ids[:, keep]  # (B, kept, d_model), (B, kept)
+        logits = self.lm_head(tr.ln_f(x)) + self.final_logits_bias  # (B, kept, vocab); kept = T by default
         if self.bigram_table is not None:
-            logits = logits + F.embedding(input_ids, self.bigram_table).to(logits.dtype)
+            logits = logits + F.embedding(tokens, self.bigram_table).to(logits.dtype)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(

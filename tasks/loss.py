@@ -9,9 +9,11 @@ families, so a model cannot lower it by favouring the larger family.
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +155,11 @@ def task_logits_last(model: Any, input_ids: torch.Tensor, lengths: torch.Tensor)
     (our SparseGPT, `GPT2LMHeadModel`, `LlamaForCausalLM`), a tuple whose first item
     is the logits, or the logits tensor. No attention mask is passed: with right
     padding and causal attention, no real position can see a pad token.
+
+    A model whose forward names a ``logits_to_keep`` argument (transformers' causal
+    LMs, SparseGPT) unembeds only the last positions (see `_logits_to_keep_mode`):
+    the full (B, T, V) logits of a large-vocabulary model are GBs per batch and a
+    fifth of its forward.
     """
     if input_ids.dim() != 2 or lengths.shape != input_ids.shape[:1]:
         raise ValueError(
@@ -162,14 +169,85 @@ def task_logits_last(model: Any, input_ids: torch.Tensor, lengths: torch.Tensor)
         low, high = int(lengths.min()), int(lengths.max())
         raise ValueError(f"lengths must lie in [1, {input_ids.shape[1]}], got [{low}, {high}]")
     width = int(lengths.max())
-    out = model(input_ids=input_ids[:, :width])  # columns past the longest prompt are padding only
+    input_ids = input_ids[:, :width]  # columns past the longest prompt are padding only
+    last = lengths.to(input_ids.device) - 1  # (B,)
+    keep_mode = _logits_to_keep_mode(model)
+    if keep_mode is None:
+        logits = _logits_of(model(input_ids=input_ids))  # (B, T, V)
+        column, kept, what = last, width, f"T={width}"
+    else:
+        if keep_mode == "rows":
+            # (B, 1) positions: row b keeps only its own last position, which is then its column 0.
+            keep, column = last[:, None], torch.zeros_like(last)
+        else:
+            # The sorted distinct last positions, kept in every row; row b reads the column of its own.
+            keep, column = torch.unique(last, sorted=True, return_inverse=True)  # (U,), (B,)
+        logits = _logits_of(model(input_ids=input_ids, logits_to_keep=keep))  # (B, kept, V)
+        kept = keep.shape[-1]
+        what = f"kept={kept} for logits_to_keep of shape {tuple(keep.shape)}"
+    if logits.dim() != 3 or logits.shape[:2] != (input_ids.shape[0], kept):
+        raise ValueError(f"{type(model).__name__}: expected logits (B={input_ids.shape[0]}, {what}, V), "
+                         f"got {tuple(logits.shape)}")
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, column.to(logits.device)]  # (B, V)
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model output: ``.logits``, a tuple's first item, or the tensor itself."""
     logits = getattr(out, "logits", out)
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
-    if logits.dim() != 3 or logits.shape[:2] != (input_ids.shape[0], width):
-        raise ValueError(f"expected logits (B={input_ids.shape[0]}, T={width}, V), got {tuple(logits.shape)}")
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, lengths.to(logits.device) - 1]  # (B, V)
+    return logits
+
+
+KeepMode = Literal["rows", "positions"] | None
+# nn.Module class -> how its forward takes `logits_to_keep` (a signature lookup per call is not free).
+_KEEP_MODE: dict[type, KeepMode] = {}
+
+
+def _logits_to_keep_mode(model: Any) -> KeepMode:
+    """How ``model`` takes ``logits_to_keep``: None when its forward does not name it (a bare ``**kwargs``
+    does not count: a catch-all may drop it); "positions" for a 1-D tensor of positions kept in every
+    row (transformers' documented form; SparseGPT's); "rows" for a (B, 1) tensor, each row its own
+    position, when the model's module slices with transformers' shared helper and that helper takes
+    2-D positions (transformers 5.x). A model that slices by itself (transformers 4.x, remote code)
+    may read a 2-D tensor as positions for every row and return (B, B, 1, V) logits, so "rows" needs
+    that exact helper, checked on a small tensor."""
+    if not isinstance(model, torch.nn.Module):
+        return "positions" if _names_logits_to_keep(model) else None  # a plain callable: not cached by class
+    cls = type(model)
+    if cls not in _KEEP_MODE:
+        mode: KeepMode = None
+        if _names_logits_to_keep(model.forward):
+            module = sys.modules.get(cls.__module__)
+            helper = getattr(module, "slice_logits_to_keep", None)
+            mode = "rows" if helper is not None and _slices_rows(helper) else "positions"
+        _KEEP_MODE[cls] = mode
+    return _KEEP_MODE[cls]
+
+
+def _names_logits_to_keep(fn: Any) -> bool:
+    try:
+        parameter = inspect.signature(fn).parameters.get("logits_to_keep")
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+def _slices_rows(helper: Any) -> bool:
+    """Whether transformers' ``slice_logits_to_keep(hidden, keep)`` keeps position keep[b, 0] of row b."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return False
+    if helper is not slice_logits_to_keep:  # a model's own slicing: its 2-D semantics are unknown
+        return False
+    hidden = torch.arange(6.0).view(2, 3, 1)  # (B=2, T=3, H=1): value = 3 * row + position
+    try:
+        out = helper(hidden, torch.tensor([[2], [0]]))
+    except (IndexError, RuntimeError, TypeError, ValueError):
+        return False
+    return out.shape == (2, 1, 1) and out.flatten().tolist() == [2.0, 3.0]
 
 
 def margins(last_logits: torch.Tensor, target_ids: torch.Tensor, distractor_ids: torch.Tensor) -> torch.Tensor:
