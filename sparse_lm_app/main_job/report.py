@@ -1,7 +1,8 @@
 """The main job's report: ``report.md`` and a self-contained ``report.html``.
 
 Both are built from the stage results the pipeline keeps in
-``runs/<name>/stages/*.json``: training curves, the task table, circuit sizes
+``runs/<name>/stages/*.json``: training curves, the task table, the circuit
+tasks' accuracy against training tokens (``task_curves.png``), circuit sizes
 (sparse vs dense, learned vs attribution) with links to the circuit pages,
 and the intervention plot. Images are embedded in the HTML (base64) and
 linked from the Markdown.
@@ -32,6 +33,34 @@ def _rel(path: str | Path | None, base: Path) -> str | None:
         return str(p.resolve().relative_to(base.resolve()))
     except ValueError:
         return str(p)
+
+
+def _curve_section(ev: dict[str, Any], run_dir: Path) -> tuple[str, str, list[list[str]], list[str]]:
+    """The showcase tasks on every snapshot of each run and its final model (the eval stage's curves)."""
+    from sparse_lm_app.main_job.curves import CURVE_TASKS, TASK_CURVES_PNG
+
+    curves = ev["curves"]
+    tasks = [t for t in CURVE_TASKS if any(t in pt["tasks"] for c in curves.values() for pt in c)]
+    rows = [["model", "step", "tokens (M)", "val loss", *(f"{t} accuracy (auc)" for t in tasks)]]
+
+    def cell(numbers: dict[str, float]) -> str:
+        acc, auc = _num(numbers.get("accuracy")), numbers.get("auc")
+        return acc if auc is None else f"{acc} ({auc:.2f})"
+
+    for key, curve in curves.items():
+        for pt in curve:
+            rows.append([key, str(pt["step"]), f"{pt['tokens'] / 1e6:.2f}", _num(pt.get("val_loss")),
+                         *(cell(pt["tasks"].get(t, {})) for t in tasks)])
+    n = ev.get("curve_examples")
+    text = (f"Accuracy of the circuit tasks against training tokens: every model snapshot each run saved "
+            f"(train.snapshot_every) and its final model (the last point), scored like the table: "
+            f"{ev.get('curve_split', 'test')} split" + (f", {n} prompts per task at every point" if n else "") +
+            ". In brackets the separation auc: the chance that a prompt of one family gets a larger logit "
+            "difference toward its completion than a prompt of the other (0.5: the families are not told apart; "
+            "accuracy can stay at 0.5 while it rises, when a bias always picks one completion). Validation loss "
+            "as the run logged it at that step (– where it had no validation pass). Chance: 0.5.")
+    png = run_dir / TASK_CURVES_PNG
+    return "Tasks against training tokens", text, rows, [str(png)] if png.exists() else []
 
 
 def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, str, list[list[str]], list[str]]]:
@@ -78,6 +107,8 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
                              _num(r.get("dropped"), "d"), _num(r.get("too_long"), "d"), _num(r.get("examples"), "d")])
             sections.append(("Task resolution", ev.get("summary", "") + " Both models are scored on the same kept "
                              "examples (the tokenizer is the dense model's, shared by the sparse model).", rows, []))
+        if ev.get("curves"):
+            sections.append(_curve_section(ev, run_dir))
     pr = results.get("prune")
     if pr:
         rows = [["task", "model", "method", "tuned by", "target", "nodes", "edges", "loss val", "loss test",
@@ -148,6 +179,12 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
 
 def write_report(results: dict[str, dict], run_dir: Path, title: str = "sparse-lm main job") -> tuple[Path, Path]:
     run_dir = Path(run_dir)
+    ev = results.get("eval") or {}
+    if ev.get("curves"):  # drawn here, next to the report that shows it
+        from sparse_lm_app.main_job.curves import TASK_CURVES_PNG, plot_task_curves
+
+        plot_task_curves(ev["curves"], run_dir / TASK_CURVES_PNG, n=ev.get("curve_examples"),
+                         split=ev.get("curve_split", "test"))
     sections = build_sections(results, run_dir)
     md = [f"# {title}", ""]
     for name, text, rows, images in sections:

@@ -13,6 +13,8 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sparse_lm_app.main_job.curves import CURVE_SPLIT, tokens_per_step
+
 if TYPE_CHECKING:
     from sparse_lm_app.main_job.context import Pipeline
 
@@ -44,7 +46,7 @@ def _model_entry(p: Pipeline, key: str) -> dict[str, Any]:
     if "val_loss" in s:
         entry["val_loss"] = s["val_loss"]
     if cfg is not None:
-        entry["tokens_per_step"] = cfg.train.global_batch * cfg.data.block_size
+        entry["tokens_per_step"] = tokens_per_step(cfg)  # the curve's tokens are step x this
         optim = {"lr": cfg.optim.lr, "eps": cfg.optim.eps, "schedule": cfg.optim.schedule,
                  "grad_rms_bound": cfg.optim.grad_rms_bound}
         if hasattr(cfg.optim, "grad_rms_mode"):
@@ -55,8 +57,15 @@ def _model_entry(p: Pipeline, key: str) -> dict[str, Any]:
     evals = p.results.get("eval", {}).get(key)
     if evals:
         # A task the tokenizer cannot express has no numbers: it is absent, not NaN.
-        entry["tasks"] = {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": "test"}
+        entry["tasks"] = {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": "test",
+                                        **({"auc": row["auc"]} if _finite(row.get("auc")) else {})}
                           for row in evals if _finite(row.get("accuracy")) and _finite(row.get("loss"))}
+    curve = p.results.get("eval", {}).get("curves", {}).get(key)
+    if curve:  # the showcase tasks on every snapshot of the run and the final model (curves.build_curve)
+        entry["curve"] = curve
+        entry["curve_split"] = p.results["eval"].get("curve_split", CURVE_SPLIT)
+        if p.results["eval"].get("curve_examples"):
+            entry["curve_examples"] = p.results["eval"]["curve_examples"]
     return entry
 
 

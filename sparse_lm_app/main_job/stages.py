@@ -58,15 +58,28 @@ def stage_eval(p: Pipeline) -> dict:
     import torch
 
     from sparse_lm.loading import load_model_and_tokenizer
+    from sparse_lm_app.main_job.curves import CURVE_SPLIT, CURVE_TASKS, model_curve
     from tasks import evaluate_tasks_or_report, format_table
 
-    out = {}
+    out: dict = {}
+    curves = {}
     for key in ("sparse", "dense"):
         model, tok = load_model_and_tokenizer(p.results[key]["model_dir"])
         with torch.no_grad():
             rows = evaluate_tasks_or_report(model, tok, split="test", n=p.plan.eval_examples)
+        del model
         print(f"\ntasks, {key} model ({p.results[key]['model_dir']}), test split:\n{format_table(rows)}", flush=True)
         out[key] = rows
+        # accuracy against training tokens: the same scoring on every snapshot of the run, the final point is `rows`
+        print(f"-- {key} model: {', '.join(CURVE_TASKS)} on every snapshot of {p.results[key]['run_dir']}",
+              flush=True)
+        curve = model_curve(p, key, rows)
+        if curve:
+            curves[key] = curve
+        else:
+            print("   no snapshots (train.snapshot_every 0): no curve", flush=True)
+    if curves:  # absent when neither run saved a snapshot
+        out.update(curves=curves, curve_split=CURVE_SPLIT, curve_examples=p.plan.curve_examples)
     return out
 
 

@@ -61,6 +61,29 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path):
     assert all(c["tuned_by"] == "carbs" and c["sweep_iterations"] == 2
                for c in results["circuits"] if c["method"] == "learned" and not c["failed"])
     assert "random_control" in results
+    # accuracy against training tokens: the circuit tasks on every snapshot of each run (debug presets: steps 10, 20,
+    # 30) and on the final model, whose point is the eval table's row
+    for key in ("sparse", "dense"):
+        m = results["models"][key]
+        snaps = sorted(int(d.name[len("step"):]) for d in (run / key / "snapshots").glob("step*")
+                       if (d / "config.json").exists())
+        assert len(snaps) >= 2, (key, snaps)
+        assert [pt["step"] for pt in m["curve"]] == [*snaps, m["steps"]] and m["curve_split"] == "test"
+        assert all(pt["tokens"] == pt["step"] * m["tokens_per_step"] for pt in m["curve"])
+        # the three circuit tasks, less one the tokenizer cannot express (the debug BPE has no `]]` token for
+        # bracket_counting: its table row is NaN, so it is absent from results.json's tasks and from every point)
+        scored = {"single_double_quote", "bracket_counting", "set_or_string"} & set(m["tasks"])
+        assert scored >= {"single_double_quote", "set_or_string"}, m["tasks"]
+        for pt in m["curve"]:
+            assert set(pt["tasks"]) == scored, pt
+            assert all(0.0 <= v["accuracy"] <= 1.0 and v["loss"] > 0 for v in pt["tasks"].values()), pt
+        assert "val_loss" in m["curve"][-1] and "val_loss" in next(pt for pt in m["curve"] if pt["step"] == 20)
+        final = m["curve"][-1]["tasks"]["single_double_quote"]
+        assert final["accuracy"] == m["tasks"]["single_double_quote"]["accuracy"]
+        assert ev["curves"][key] == m["curve"]
+    assert ev["curve_split"] == "test"
+    assert (run / "task_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](task_curves.png)" in (run / "report.md").read_text() and 'alt="task_curves"' in report
 
     t0 = time.perf_counter()
     again = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
