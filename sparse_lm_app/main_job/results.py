@@ -116,8 +116,11 @@ def build_results(p: Pipeline) -> dict[str, Any]:
     out: dict[str, Any] = {"format": FORMAT, "preset": p.args.preset, "git_commit": _git_commit(ROOT),
                            "machine": _machine(), "stages": dict(p.timings)}
     models = {k: _model_entry(p, k) for k in ("sparse", "dense") if k in p.results}
-    if not models and "models" in p.results.get("eval", {}):  # the bridged pipeline: no pretraining stages
+    if "models" in p.results.get("eval", {}):  # the bridged pipeline: the sparse model as bridged, the given dense
+        pretrained = models.get("sparse")
         models = _bridged_models(p)
+        if pretrained:  # the sparse stage's run the bridge started from (its task numbers are the bridged model's)
+            models["sparse"]["pretrained"] = {k: v for k, v in pretrained.items() if k not in ("tasks", "curve")}
     if models:
         out["models"] = models
     resolution = p.results.get("eval", {}).get("resolution")

@@ -29,21 +29,37 @@ PAPER_ROOM = 0.02  # a model needs its own loss this far under 0.15 for a circui
 
 
 def stage_data(p: Pipeline) -> dict:
-    from sparse_lm.corpus import load_corpus
-    from sparse_lm.data import prepare_data
     from sparse_lm.tokenizer import train_tokenizer
 
     d = p.configs["sparse"].data  # the corpus, vocabulary and block size the training stages expect
-    corpus = load_corpus(d.source, pattern=d.pattern, max_documents=d.max_documents)
-    print(f"corpus: {d.source} ({len(corpus)} files, {corpus.num_bytes() / 1e6:.1f} MB, "
-          f"{corpus.skipped} not UTF-8 and skipped)", flush=True)
+    corpus = _load_corpus(p)
     t0 = time.perf_counter()
     tok = train_tokenizer(corpus, vocab_size=d.vocab_size, out_dir=p.data_dir / "tokenizer")
     print(f"tokenizer: byte-level BPE {len(tok)} in {time.perf_counter() - t0:.1f}s", flush=True)
+    return _pack_corpus(p, corpus, tok)
+
+
+def _load_corpus(p: Pipeline):
+    from sparse_lm.corpus import load_corpus
+
+    d = p.configs["sparse"].data
+    corpus = load_corpus(d.source, pattern=d.pattern, max_documents=d.max_documents)
+    print(f"corpus: {d.source} ({len(corpus)} files, {corpus.num_bytes() / 1e6:.1f} MB, "
+          f"{corpus.skipped} not UTF-8 and skipped)", flush=True)
+    return corpus
+
+
+def _pack_corpus(p: Pipeline, corpus, tok) -> dict:
+    """The corpus tokenized with `tok` and packed into the sparse stage's blocks in ``runs/<name>/data``."""
+    from sparse_lm.data import prepare_data
+    from tasks.contract import tokenizer_label
+
+    d = p.configs["sparse"].data
     meta = prepare_data(corpus, tok, p.data_dir, block_size=d.block_size, val_fraction=d.val_fraction,
                         num_proc=d.num_proc)
     return {"documents": meta["num_documents"], "tokens": meta["num_tokens"],
-            "unigram_entropy_nats": meta["unigram_entropy_nats"], "skipped_files": meta["skipped_files"]}
+            "unigram_entropy_nats": meta["unigram_entropy_nats"], "skipped_files": meta["skipped_files"],
+            "tokenizer": tokenizer_label(tok), "vocab_size": len(tok)}
 
 
 def stage_sparse(p: Pipeline) -> dict:
@@ -445,7 +461,38 @@ def run_intervention(p: Pipeline, bridge_dir: Path, circuit: dict | None = None)
             **({"dense_precision": precision} if precision != "fp32" else {})}
 
 
-# -- the bridged pipeline: a pretrained dense model, a sparse model trained from scratch with its bridges ---------
+# -- the bridged pipeline: a pretrained dense model, a sparse model pretrained on its tokenizer, then its bridges -
+
+
+def stage_bridged_data(p: Pipeline) -> dict:
+    """The dense model's tokenizer saved to ``runs/<name>/data/tokenizer``, then the corpus packed with it: the sparse
+    model pretrains on the dense model's vocabulary, because a bridge needs one tokenizer on both sides."""
+    from sparse_lm.io import atomic_dir
+    from sparse_lm.tokenizer import load_tokenizer
+
+    ref = p.configs["bridge"].dense
+    tok = dense_tokenizer(ref)
+    with atomic_dir(p.data_dir / "tokenizer") as tmp:
+        tok.save_pretrained(tmp)
+    print(f"tokenizer: the dense model's ({ref}), {len(tok)} tokens -> {p.data_dir / 'tokenizer'}", flush=True)
+    # packed with the tokenizer as saved, so the data's tokenizer hash is the one the training stages load
+    return {**_pack_corpus(p, _load_corpus(p), load_tokenizer(p.data_dir / "tokenizer")), "tokenizer_of": str(ref)}
+
+
+def dense_tokenizer(ref: str):
+    """The tokenizer of the dense model `ref` (a model folder, a .gguf file or a package shipping one), without
+    loading its weights (dequantising SmolLM2 takes ~30 s): the one beside a GGUF file when there is one, else the
+    GGUF's own metadata, as `sparse_lm.loading.load_gguf` reads it; the bridge stage checks that the two agree."""
+    from transformers import AutoTokenizer
+
+    from sparse_lm.loading import gguf_path, load_tokenizer_of, model_dir
+
+    gguf = gguf_path(ref)
+    if gguf is None:
+        return load_tokenizer_of(model_dir(ref))
+    if (gguf.parent / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(gguf.parent))
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def stage_bridged_eval(p: Pipeline) -> dict:

