@@ -94,13 +94,17 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
     ev = results.get("eval")
     if ev:
         dense = {r["task"]: r for r in ev.get("dense", [])}
-        rows = [["task", "sparse accuracy", "sparse loss", "dense accuracy", "dense loss"]]
+        # the bridged pipeline also scores the phase-1 sparse model, before its bridges
+        pre = {r["task"]: r for r in ev.get("pretrained", [])}
+        rows = [["task", *(["pretrained sparse accuracy"] if pre else []), "sparse accuracy", "sparse loss",
+                 "dense accuracy", "dense loss"]]
         for r in ev.get("sparse", []):
             d = dense.get(r["task"], {})
-            rows.append([r["task"], _num(r.get("accuracy")), _num(r.get("loss")), _num(d.get("accuracy")),
-                         _num(d.get("loss"))])
+            rows.append([r["task"], *([_num(pre.get(r["task"], {}).get("accuracy"))] if pre else []),
+                         _num(r.get("accuracy")), _num(r.get("loss")), _num(d.get("accuracy")), _num(d.get("loss"))])
         sections.append(("Tasks", "Binary next-token tasks, test split; loss is the two-token cross-entropy "
-                                  "(chance: ln 2 = 0.693).", rows, []))
+                                  "(chance: ln 2 = 0.693)." + (" The sparse model is the one trained with its bridges; "
+                                  "the pretrained column is the same model before them." if pre else ""), rows, []))
         if ev.get("resolution"):  # the bridged pipeline: the tasks through the contract against the dense tokenizer
             rows = [["task", "resolves", "tokens", "checked", "dropped (contract)", "longer than context", "scored"]]
             for r in ev["resolution"]:

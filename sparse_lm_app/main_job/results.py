@@ -82,11 +82,15 @@ def _bridged_models(p: Pipeline) -> dict[str, Any]:
             summary = Path(bridge.get("bridge_dir", "")) / "summary.json"
             if bridge.get("bridge_dir") and summary.is_file():
                 entry["steps"] = json.loads(summary.read_text()).get("steps")
-        entry["tasks"] = {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": ev["split"],
-                                        "examples": row["examples"]}
-                          for row in ev.get(key, []) if _finite(row.get("accuracy")) and _finite(row.get("loss"))}
+        entry["tasks"] = _task_entries(ev.get(key, []), ev["split"])
         models[key] = entry
     return models
+
+
+def _task_entries(rows: list[dict], split: str) -> dict[str, Any]:
+    """The bridged eval's rows of one model as results.json task entries (tasks without numbers left out)."""
+    return {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": split, "examples": row["examples"]}
+            for row in rows if _finite(row.get("accuracy")) and _finite(row.get("loss"))}
 
 
 def _circuit_entry(row: dict[str, Any]) -> dict[str, Any]:
@@ -119,8 +123,11 @@ def build_results(p: Pipeline) -> dict[str, Any]:
     if "models" in p.results.get("eval", {}):  # the bridged pipeline: the sparse model as bridged, the given dense
         pretrained = models.get("sparse")
         models = _bridged_models(p)
-        if pretrained:  # the sparse stage's run the bridge started from (its task numbers are the bridged model's)
+        if pretrained:  # the sparse stage's run the bridge started from, with its own task numbers (same examples)
             models["sparse"]["pretrained"] = {k: v for k, v in pretrained.items() if k not in ("tasks", "curve")}
+            rows = p.results["eval"].get("pretrained", [])
+            if rows:
+                models["sparse"]["pretrained"]["tasks"] = _task_entries(rows, p.results["eval"]["split"])
     if models:
         out["models"] = models
     resolution = p.results.get("eval", {}).get("resolution")

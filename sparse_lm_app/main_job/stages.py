@@ -521,6 +521,11 @@ def stage_bridged_eval(p: Pipeline) -> dict:
     sparse, tok = load_model_and_tokenizer(sparse_dir)
     dense, _, dense_path = load_dense(meta["dense_model"])
     models = {"sparse": sparse, "dense": dense}
+    paths = {"sparse": str(sparse_dir), "dense": str(dense_path)}
+    pretrained_dir = (p.results.get("sparse") or {}).get("model_dir")
+    if pretrained_dir:  # the phase-1 model the bridge started from: did pretraining teach the task, or the bridge?
+        models["pretrained"], _ = load_model_and_tokenizer(pretrained_dir)
+        paths["pretrained"] = str(pretrained_dir)
     limit = min(context_length(m) for m in models.values())
     names = list(p.plan.eval_tasks or list_tasks())
     rows: dict[str, list[dict]] = {k: [] for k in models}
@@ -569,7 +574,7 @@ def stage_bridged_eval(p: Pipeline) -> dict:
           flush=True)
     for k in models:
         print(f"\ntasks, {k} model, test split:\n{format_table(rows[k])}", flush=True)
-    return {**rows, "models": {"sparse": str(sparse_dir), "dense": str(dense_path)}, "split": "test",
+    return {**rows, "models": paths, "split": "test",
             "tokenizer": tokenizer_label(tok), "context": limit, "resolution": resolution, "summary": summary + "."}
 
 

@@ -157,8 +157,12 @@ def test_the_smollm2_plan_end_to_end_on_a_tiny_gguf(tiny_dense_gguf, tmp_path):
             assert r["examples"] + r["dropped"] + r["too_long"] == r["checked"]
         else:
             assert r["error"]
-    rows = {k: {r["task"]: r for r in ev[k]} for k in ("sparse", "dense")}
+    rows = {k: {r["task"]: r for r in ev[k]} for k in ("sparse", "pretrained", "dense")}
     assert rows["sparse"]["single_double_quote"]["examples"] == rows["dense"]["single_double_quote"]["examples"] > 0
+    # the phase-1 model before its bridges, on the same examples: a different model, so other numbers
+    assert ev["models"]["pretrained"].endswith("model") and ev["models"]["pretrained"] != ev["models"]["sparse"]
+    pre_q, bridged_q = rows["pretrained"]["single_double_quote"], rows["sparse"]["single_double_quote"]
+    assert pre_q["examples"] == bridged_q["examples"] and pre_q["loss"] != bridged_q["loss"]
 
     # the quote circuit of the sparse model as bridged, then the intervention through the bridge
     circuit = json.loads((run / "stages" / "circuit.json").read_text())
@@ -200,6 +204,7 @@ def test_the_smollm2_plan_end_to_end_on_a_tiny_gguf(tiny_dense_gguf, tmp_path):
     assert results["models"]["dense"]["path"] == str(tiny_dense_gguf) and results["models"]["sparse"]["steps"] == 4
     assert results["models"]["sparse"]["pretrained"]["steps"] == 6  # the sparse stage's run the bridge started from
     assert "single_double_quote" in results["models"]["sparse"]["tasks"]
+    assert results["models"]["sparse"]["pretrained"]["tasks"]["single_double_quote"]["loss"] == pre_q["loss"]
     assert [c["bridged"] for c in results["circuits"]] == [True]
     kinds = {i["kind"]: i for i in results["interventions"]}
     assert set(kinds) == {"single", "multi"} and kinds["single"]["channels"] == 1
