@@ -92,7 +92,7 @@ REUSE_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)
 PLANS: dict[str, Plan] = {
     "tiny": Plan("tiny", "tiny-dense", "bridge-tiny-joint", "prune-main", TINY_MINUTES),
     # set_or_string and bracket_counting need more than tiny's 13M tokens: 49M of python-site (a first run's sparse
-    # stage, 2026-12-02: neither task learned by 41M tokens; README)
+    # stage, 2026-12-02: neither task learned by 45M tokens; README)
     "long": Plan("long", "long-dense", "bridge-tiny-joint", "prune-main", LONG_MINUTES, measured=False,
                  estimate="tiny's measured step times scaled to long's steps; only its sparse stage has run"),
     # GPUs: the paper's 32 iterations of 8 parallel suggestions
