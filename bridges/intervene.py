@@ -43,7 +43,6 @@ Writes ``intervention.json`` and ``intervention.png``.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from contextlib import contextmanager
@@ -53,7 +52,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from sparse_lm.io import atomic_write_bytes
+from sparse_lm.plots import save_png
 from sparse_lm.sites import SiteRegistry
 
 RESIDUAL_KINDS = ("attn.act_in", "attn.resid_delta", "mlp.act_in", "mlp.resid_delta", "resid_in", "resid_mid")
@@ -436,11 +435,7 @@ def plot_intervention(result: dict, out_png: str | Path) -> Path:
     fig.suptitle(f"{result['task']} ({comp}); chosen on {result.get('select_split', '?')}, "
                  f"measured on {result['split']} ({result['examples']} prompts)", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(out_png, buf.getvalue())
-    return Path(out_png)
+    return save_png(fig, out_png, dpi=120)
 
 
 def _format_part(name: str, r: dict, alphas: Sequence[float]) -> list[str]:

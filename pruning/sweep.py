@@ -52,7 +52,8 @@ from pruning.circuit import sweep_outcome, validation_loss, write_circuit_folder
 from pruning.config import PruneConfig
 from sparse_lm import config as configlib
 from sparse_lm.config import field, section
-from sparse_lm.io import atomic_write_bytes, atomic_write_text
+from sparse_lm.io import atomic_write_text
+from sparse_lm.plots import save_png
 
 STATE_FILE = "sweep_state.json"
 BEST_ORDER_FILE = "best_order.json"  # the best run's node order, for its faithfulness curves at the end
@@ -309,8 +310,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def plot_sweep(results: list[dict], png: Path, objective: str) -> None:
     """Circuit size against iteration, against cost (mask steps) with the Pareto front, and per searched value."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,7 +346,4 @@ def plot_sweep(results: list[dict], png: Path, objective: str) -> None:
         ax.plot([r["params"][key] for r in bad], [top] * len(bad), "rx")
         ax.set(xscale="log" if key != "beta2" else "linear", xlabel=key)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(png, buf.getvalue())
+    save_png(fig, png, dpi=90)

@@ -6,6 +6,21 @@ import json
 from pathlib import Path
 
 
+def save_png(fig, out_png: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure to `out_png` atomically (an interrupted write never leaves half a PNG) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from sparse_lm.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(out_png, buf.getvalue())
+    return Path(out_png)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -19,8 +34,6 @@ def plot_training(metrics_path: str | Path, out_png: str | Path, title: str = ""
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from sparse_lm.io import atomic_write_bytes
 
     rows = read_metrics(metrics_path)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -51,10 +64,4 @@ def plot_training(metrics_path: str | Path, out_png: str | Path, title: str = ""
     axes[2].set(xlabel="step", ylabel="kept fraction of weights", title="L0")
     fig.suptitle(title)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out_png, buf.getvalue())
-    return Path(out_png)
+    return save_png(fig, out_png)

@@ -131,14 +131,12 @@ def model_curve(p: Pipeline, key: str, final_rows: list[dict]) -> list[dict[str,
 def plot_task_curves(curves: dict[str, list[dict]], out_png: str | Path, n: int | None = None,
                      split: str = CURVE_SPLIT, tasks: Iterable[str] = CURVE_TASKS) -> Path:
     """One panel per task: accuracy against training tokens, one line per model, the chance line at 0.5."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sparse_lm.io import atomic_write_bytes
+    from sparse_lm.plots import save_png
 
     tasks = list(tasks)
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
@@ -160,8 +158,4 @@ def plot_task_curves(curves: dict[str, list[dict]], out_png: str | Path, n: int 
     prompts = f", {n} prompts" if n else ""
     fig.suptitle(f"Task accuracy against training tokens ({split} split{prompts})")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out_png, buf.getvalue())
-    return Path(out_png)
+    return save_png(fig, out_png)
