@@ -50,7 +50,8 @@ def logged_val_losses(run_dir: str | Path) -> dict[int, float]:
     return {int(r["step"]): float(r["val_loss"]) for r in rows if "val_loss" in r and "step" in r}
 
 
-def _finite(x: Any) -> bool:
+def finite(x: Any) -> bool:
+    """A real number that is not NaN or inf (a JSON-safe metric)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -58,7 +59,7 @@ def _task_numbers(rows: Iterable[dict], names: Iterable[str]) -> dict[str, dict[
     by_task = {r["task"]: r for r in rows}
     # auc (tasks.evaluate.separation_auc) shows a model that ranks the families before its accuracy moves
     return {name: {key: float(by_task[name][key]) for key in ("accuracy", "loss", "auc")
-                   if key in by_task[name] and (key != "auc" or _finite(by_task[name][key]))}
+                   if key in by_task[name] and (key != "auc" or finite(by_task[name][key]))}
             for name in names if name in by_task}
 
 
@@ -91,7 +92,7 @@ def build_curve(run_dir: str | Path, final_step: int, final_rows: list[dict] | N
         with torch.no_grad():
             final_rows = evaluate_tasks_or_report(model, tok, tasks, split=split, n=n)
         del model
-    scorable = {r["task"] for r in final_rows if _finite(r.get("accuracy")) and _finite(r.get("loss"))}
+    scorable = {r["task"] for r in final_rows if finite(r.get("accuracy")) and finite(r.get("loss"))}
     names = [name for name in tasks if name in scorable]
     val = logged_val_losses(run_dir)
 

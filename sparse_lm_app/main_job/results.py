@@ -7,13 +7,13 @@ partial run has a partial file. Keys a stage did not produce are absent, never p
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sparse_lm_app.main_job.curves import CURVE_SPLIT, tokens_per_step
+from sparse_lm_app.main_job.curves import finite as _finite
 
 if TYPE_CHECKING:
     from sparse_lm_app.main_job.context import Pipeline
@@ -33,10 +33,6 @@ def _machine() -> dict[str, Any]:
     import torch
 
     return {"cpus": os.cpu_count(), "gpus": torch.cuda.device_count(), "torch": torch.__version__}
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _model_entry(p: Pipeline, key: str) -> dict[str, Any]:

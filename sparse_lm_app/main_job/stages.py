@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparse_lm.io import read_jsonl, write_json
+from sparse_lm.io import write_json
 
 if TYPE_CHECKING:
     from sparse_lm_app.main_job.context import Pipeline
@@ -164,16 +164,14 @@ def random_control(p: Pipeline, loaded, targets: dict, task: str = "single_doubl
 def equal_loss_model(p: Pipeline) -> tuple[str, dict]:
     """The dense model whose validation loss is closest to the sparse model's: its final export or one of the
     snapshots its run saved (``train.snapshot_every``). The paper compares circuits at equal pretraining loss."""
+    from sparse_lm_app.main_job.curves import logged_val_losses, snapshot_folders
+
     sparse_loss = p.results["sparse"].get("val_loss")
     run = Path(p.results["dense"]["run_dir"])
     final = (p.results["dense"]["model_dir"], p.results["dense"].get("val_loss"), p.results["dense"]["steps"])
     candidates = [final]
-    rows, _ = read_jsonl(run / "metrics.jsonl")  # a torn last line of an interrupted run is left out
-    val_at = {int(row["step"]): float(row["val_loss"]) for row in rows if "val_loss" in row}
-    for folder in sorted(run.glob("snapshots/step*")):
-        step = int(folder.name[len("step"):])
-        if step in val_at and (folder / "config.json").exists():
-            candidates.append((str(folder), val_at[step], step))
+    val_at = logged_val_losses(run)
+    candidates += [(str(folder), val_at[step], step) for step, folder in snapshot_folders(run) if step in val_at]
     if sparse_loss is None or any(c[1] is None for c in candidates[:1]):
         return final[0], {"why": "the final dense model (no validation losses to match)", "step": final[2]}
     path, loss, step = min(candidates, key=lambda c: abs(c[1] - sparse_loss))
