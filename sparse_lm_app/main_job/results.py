@@ -85,7 +85,8 @@ def _bridged_models(p: Pipeline) -> dict[str, Any]:
 
 def _task_entries(rows: list[dict], split: str) -> dict[str, Any]:
     """The bridged eval's rows of one model as results.json task entries (tasks without numbers left out)."""
-    return {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": split, "examples": row["examples"]}
+    return {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": split, "examples": row["examples"],
+                          **({"auc": row["auc"]} if _finite(row.get("auc")) else {})}
             for row in rows if _finite(row.get("accuracy")) and _finite(row.get("loss"))}
 
 

@@ -511,6 +511,7 @@ def stage_bridged_eval(p: Pipeline) -> dict:
         resolve_task,
     )
     from tasks.contract import encode_plain, tokenizer_label
+    from tasks.evaluate import separation_auc
     from tasks.loss import encode_examples
 
     bridge_dir = Path(p.results["bridge"]["bridge_dir"])
@@ -558,8 +559,10 @@ def stage_bridged_eval(p: Pipeline) -> dict:
             with torch.no_grad():
                 if k not in fast:  # the last-position shortcut, checked once per model against the full forward
                     fast[k] = fast_head_ok(model, batch)
-                m = loss_and_accuracy(evaluate(model, batch, fast=fast[k])[0], batch.family)
-            rows[k].append({"task": task.name, "loss": m["loss"], "accuracy": m["accuracy"], "examples": len(kept),
+                margin = evaluate(model, batch, fast=fast[k])[0]
+                m = loss_and_accuracy(margin, batch.family)
+            rows[k].append({"task": task.name, "loss": m["loss"], "accuracy": m["accuracy"],
+                            "auc": separation_auc(margin, batch.family), "examples": len(kept),
                             "dropped": resolved.dropped + res["too_long"]})
     ok = [r for r in resolution if r["resolved"]]
     summary = (f"{len(ok)} of {len(resolution)} tasks resolve against the tokenizer {tokenizer_label(tok)}; of "

@@ -204,6 +204,7 @@ def test_the_smollm2_plan_end_to_end_on_a_tiny_gguf(tiny_dense_gguf, tmp_path):
     assert results["models"]["dense"]["path"] == str(tiny_dense_gguf) and results["models"]["sparse"]["steps"] == 4
     assert results["models"]["sparse"]["pretrained"]["steps"] == 6  # the sparse stage's run the bridge started from
     assert "single_double_quote" in results["models"]["sparse"]["tasks"]
+    assert 0.0 <= results["models"]["dense"]["tasks"]["single_double_quote"]["auc"] <= 1.0
     assert results["models"]["sparse"]["pretrained"]["tasks"]["single_double_quote"]["loss"] == pre_q["loss"]
     assert [c["bridged"] for c in results["circuits"]] == [True]
     kinds = {i["kind"]: i for i in results["interventions"]}
