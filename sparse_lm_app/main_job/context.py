@@ -66,25 +66,12 @@ TINY_MINUTES = {"data": 0.3, "sparse": 51.0, "dense": 14.0, "eval": 8.0, "prune"
 # long: tiny's stages with 3.75x tiny's sparse steps and 3.75x its dense steps, scaled from the measured
 # step times (0.93 s sparse, 0.50 s dense); its corpus (python-site, ~330 MB) takes longer to prepare.
 LONG_MINUTES = {**TINY_MINUTES, "data": 5.0, "sparse": 186.0, "dense": 50.0}
-# The smollm2 plan is not measured end to end; its stage times are an estimate from measured parts (2026-12-02,
-# 2 cores shared with other jobs, load 6-19, so CPU seconds; wall on 2 quiet cores assumed ~CPU / 1.9, the ratio a
-# bridge step showed: 15 CPU s on one thread, ~8 s wall on 2 quiet threads):
-# - data: SmolLM2's tokenizer from the GGUF metadata 2.9 CPU s; packing 300 standard-library files (1.0M tokens)
-#   ~5 CPU s, so the 1758 files (31.5 MB) ~30 CPU s;
-# - sparse (smollm2-sparse, 2 layers x 128, 16 x 256 tokens a step, one rank): 2.0 CPU s a step with the malloc
-#   settings below (4.1 without: glibc returns the ~400 MB logits buffers to the OS and re-faults them every step;
-#   4 layers x 256: 5.2); 3000 steps ~1.1 s each ~55 min, + start, validation, checkpoints and export;
-# - bridge (smollm2-bridge, finetune, 100 steps of 4 x 256 tokens): ~8 s a step (bridge-smollm2's 8 x 128 tokens,
-#   the same count) ~13 min, + loading the GGUF, the maps' ridge start and the evaluations before/after (~93 CPU s
-#   each) ~4 min;
-# - eval: SmolLM2 forward 2.6 CPU s per 1024 tokens in float32, 20 tasks x 64 prompts (~90k tokens) ~230 CPU s, +
-#   the sparse model and loading; intervene: ~58 passes of 64 prompts with bf16 weights (0.66 CPU s per 1024
-#   tokens) ~170 CPU s, + the sparse side and full-vocabulary logits (kept at the earlier, slower estimate);
-#   circuit: one learned-mask run on the small sparse model (not measured).
-SMOLLM2_MINUTES = {"data": 1.5, "sparse": 58.0, "bridge": 18.0, "eval": 5.0, "circuit": 5.0, "intervene": 10.0,
+# The smollm2 plan, measured end to end on 2 cores (2026-12-02, README "--preset smollm2"): data 0.3 min; sparse
+# (smollm2-sparse, 2 layers x 256, 2500 steps of 16 x 256 tokens, one rank, the malloc settings below) 58.5; bridge
+# (smollm2-bridge, finetune, 100 steps of 4 x 256 tokens, the GGUF loaded, the gate's evaluations) 12.2;
+# eval 3.3; circuit (one learned-mask run on the bridged sparse model) 1.5; intervene 6.0 (82 minutes in all).
+SMOLLM2_MINUTES = {"data": 0.5, "sparse": 59.0, "bridge": 12.5, "eval": 3.5, "circuit": 1.5, "intervene": 6.0,
                    "report": 0.1}
-SMOLLM2_ESTIMATE = ("an estimate from measured parts, not an end-to-end run: sparse pretraining 2.0 CPU s a step, "
-                    "a bridge step ~8 s, SmolLM2 forward 2.6 CPU s per 1024 tokens (float32)")
 # glibc malloc for the sparse pretraining: no mmap'd chunks and no trimming, so the big per-step buffers (logits over
 # 49k tokens) are reused instead of returned to the OS and page-faulted again (halves its CPU time, measured;
 # the peak RSS is the high-water mark: 5.5 GB at micro_batch 16, 3.5 GB at smollm2-sparse's 8)
@@ -109,8 +96,8 @@ PLANS: dict[str, Plan] = {
     # keeps training with its bridges (smollm2-bridge, mode finetune), both models on the tasks, the quote circuit
     # of the sparse model as bridged, the intervention through the bridge. One rank for every training stage: one
     # copy of the dense model in memory in the bridge, and the sparse model's 49k-row (un)embedding at 2 threads.
-    "smollm2": Plan("smollm2-sparse", None, "smollm2-bridge", "prune-main", SMOLLM2_MINUTES, measured=False,
-                    estimate=SMOLLM2_ESTIMATE, pipeline="bridged", nproc=1, launch_env={"sparse": REUSE_MALLOC},
+    "smollm2": Plan("smollm2-sparse", None, "smollm2-bridge", "prune-main", SMOLLM2_MINUTES,
+                    pipeline="bridged", nproc=1, launch_env={"sparse": REUSE_MALLOC},
                     eval_examples=64, intervention_examples=64, intervention_controls=6,
                     intervention_alphas=(0.5, 1.0, 2.0), intervention_precision="bf16"),
 }
