@@ -108,7 +108,8 @@ def test_the_smollm2_plan_end_to_end_on_a_tiny_gguf(tiny_dense_gguf, tmp_path):
     res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     run = tmp_path / "smollm2"
-    assert "estimated time: ~" in res.stdout and "not an end-to-end run" in res.stdout
+    # the plan's stage times are measured (one end-to-end run), printed as such, not as an estimate from parts
+    assert "estimated time: " in res.stdout and "not an end-to-end run" not in res.stdout
     assert "pretrain.sh: 1 rank(s)" in res.stderr  # the plan's one rank: one copy of the dense model in memory
     # the sparse stage alone runs with the plan's malloc settings (the caller's environment has none of them)
     assert res.stdout.count("launch environment: MALLOC_MMAP_MAX_=0") == 1
