@@ -74,7 +74,7 @@ SMOLLM2_MINUTES = {"data": 0.5, "sparse": 59.0, "bridge": 12.5, "eval": 3.5, "ci
                    "report": 0.1}
 # glibc malloc for the sparse pretraining: no mmap'd chunks and no trimming, so the big per-step buffers (logits over
 # 49k tokens) are reused instead of returned to the OS and page-faulted again (halves its CPU time, measured;
-# the peak RSS is the high-water mark: 5.5 GB at micro_batch 16, 3.5 GB at smollm2-sparse's 8)
+# the peak RSS is the high-water mark: 4.6 GB for smollm2-sparse at micro_batch 8)
 REUSE_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_TOP_PAD_": str(256 << 20)}
 PLANS: dict[str, Plan] = {
     "tiny": Plan("tiny", "tiny-dense", "bridge-tiny-joint", "prune-main", TINY_MINUTES),

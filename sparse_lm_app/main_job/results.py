@@ -52,10 +52,7 @@ def _model_entry(p: Pipeline, key: str) -> dict[str, Any]:
         entry["seconds_per_step"] = s["train_seconds"] / s["steps"]
     evals = p.results.get("eval", {}).get(key)
     if evals:
-        # A task the tokenizer cannot express has no numbers: it is absent, not NaN.
-        entry["tasks"] = {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": "test",
-                                        **({"auc": row["auc"]} if _finite(row.get("auc")) else {})}
-                          for row in evals if _finite(row.get("accuracy")) and _finite(row.get("loss"))}
+        entry["tasks"] = _task_entries(evals, "test", examples=False)
     curve = p.results.get("eval", {}).get("curves", {}).get(key)
     if curve:  # the showcase tasks on every snapshot of the run and the final model (curves.build_curve)
         entry["curve"] = curve
@@ -83,9 +80,11 @@ def _bridged_models(p: Pipeline) -> dict[str, Any]:
     return models
 
 
-def _task_entries(rows: list[dict], split: str) -> dict[str, Any]:
-    """The bridged eval's rows of one model as results.json task entries (tasks without numbers left out)."""
-    return {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": split, "examples": row["examples"],
+def _task_entries(rows: list[dict], split: str, examples: bool = True) -> dict[str, Any]:
+    """One model's eval rows as results.json task entries; a task without numbers (the tokenizer cannot express it)
+    is absent, not NaN, and so is an undefined auc."""
+    return {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": split,
+                          **({"examples": row["examples"]} if examples else {}),
                           **({"auc": row["auc"]} if _finite(row.get("auc")) else {})}
             for row in rows if _finite(row.get("accuracy")) and _finite(row.get("loss"))}
 
