@@ -398,8 +398,10 @@ class BridgedPair(nn.Module):
         return comps, out, dense_logits, site
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **unused) -> BridgeOutput:
-        comps, out, _, _ = self.components(input_ids, labels, self.kl_sites())
+        comps, out, dense_logits, _ = self.components(input_ids, labels, self.kl_sites())
         loss = weighted_loss(self.cfg, comps)
+        if not self.training:  # the gate's yardstick beside the hybrids, so every evaluation during training has it
+            comps["kl_no_bridge"] = kl_dense_hybrid(dense_logits, out.logits, self.n_vocab)
         self.last_components = {k: float(v.detach()) for k, v in comps.items()}
         return BridgeOutput(loss=loss, logits=out.logits, components=comps)
 

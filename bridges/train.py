@@ -278,7 +278,8 @@ def _export(cfg: BridgeConfig, trainer: Trainer, state: dict[str, torch.Tensor],
     if trainer.sparse:
         summary["kept_fraction"] = last.get("kept_fraction")
     write_json(run_dir / "summary.json", summary)
-    plot_training(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"bridge {cfg.run_name}")
+    plot_training(run_dir / "metrics.jsonl", run_dir / "curves.png", title=f"bridge {cfg.run_name}",
+                  gate_nmse=cfg.bridge.gate_nmse)
     print(f"== bridge finished: {run_dir} ({trainer.step} steps in {seconds:.0f}s)\n"
           f"{format_metrics(before, after)}\n"
           f"   (KL in nats/token; kl_dense_sparse: KL(dense || sparse) without any bridge, the yardstick)\n"

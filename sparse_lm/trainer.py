@@ -417,19 +417,27 @@ class Trainer:
         sites = getattr(self.module, "sites", None)
         names = [s for s in sites.names() if s.endswith("mlp.post_act")] if sites is not None else []
         fired = {s: torch.zeros(sites.width(s), dtype=torch.bool, device=self.device) for s in names}
+        part_sums: dict[str, torch.Tensor] = {}
         for i in range(0, len(rows), self.tc.micro_batch):
             ids = self.val_tokens[rows[i:i + self.tc.micro_batch]].long().to(self.device)
             ctx = sites.record(names) if names else nullcontext({})
             with self._autocast(), ctx as acts:
-                loss = self.module(input_ids=ids, labels=ids).loss.float()
+                output = self.module(input_ids=ids, labels=ids)
             for s, a in acts.items():
                 fired[s] |= (a != 0).flatten(0, -2).any(0)
             tokens = ids.numel() - ids.shape[0]
-            loss_sum += loss * tokens
+            loss_sum += output.loss.float() * tokens
             count += tokens
+            # a module whose loss has parts (the bridge's NMSEs and KLs) gets each part on validation too
+            for name, value in sorted((getattr(output, "components", None) or {}).items()):
+                part_sums[name] = part_sums.get(name, 0) + value.detach().float() * tokens
         dist.all_reduce(loss_sum)
         dist.all_reduce(count)
         out = {"val_loss": float(loss_sum / count.clamp(min=1))}
+        if part_sums:  # same names on every rank: every rank runs the same module on its share of the rows
+            parts = torch.stack([torch.as_tensor(v, device=self.device) for v in part_sums.values()])
+            dist.all_reduce(parts)
+            out.update({f"val_{k}": float(v / count.clamp(min=1)) for k, v in zip(part_sums, parts)})
         if fired:
             stacked = torch.cat(list(fired.values())).to(torch.int32)
             dist.all_reduce(stacked, op=dist.ReduceOp.MAX)

@@ -305,6 +305,21 @@ def test_finetune_trains_the_sparse_model_on_and_exports_it_as_bridged(joint_run
     assert all(r.get("kept_fraction_target", 0.25) == 0.25 for r in rows)  # no annealing from dense
 
 
+def test_every_evaluation_during_training_logs_the_gates_numbers_on_validation(finetune_run):
+    # The trainer's last evaluation reads the same validation blocks, in the same batches, as the gate does
+    # after training, so each logged part must equal the gate's number: a swapped KL, a training-split
+    # evaluation or a total logged in place of a part would not.
+    rows = [json.loads(line) for line in (finetune_run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "val_loss" in r][-1]
+    after = json.loads((finetune_run / "bridge_metrics.json").read_text())["after"]
+    for logged, gate_key in (("val_kl_no_bridge", "kl_dense_sparse"), ("val_kl_d2s", "kl_d2s"),
+                             ("val_kl_s2d", "kl_s2d"), ("val_nmse_enc", "nmse_enc"), ("val_nmse_dec", "nmse_dec"),
+                             ("val_lm", "lm")):
+        assert last[logged] == pytest.approx(after[gate_key], rel=1e-4), logged
+    assert last["val_loss"] == pytest.approx(after["total"], rel=1e-4)
+    assert (finetune_run / "curves.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_the_gate_of_a_real_finetune_run_reads_the_validation_numbers(finetune_run):
     summary = json.loads((finetune_run / "summary.json").read_text())
