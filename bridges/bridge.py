@@ -5,7 +5,8 @@ the 2L+1 residual sites ``0.resid_in, 0.resid_mid, 1.resid_in, ...,
 final_resid`` of each are paired, and every pair gets
 
 - an encoder, dense -> sparse: ``AbsTopK_k(W_enc h_d + b_enc)`` with
-  ``k = afrac x d_sparse``,
+  ``k = afrac x d_sparse``, or, with ``afrac = "sparse"``, the sparse model's own
+  AbsTopK k at the paired site (no AbsTopK where its residual stream is dense),
 - a decoder, sparse -> dense: ``W_dec h_s + b_dec``.
 
 Losses of one batch (each averaged over the paired sites, then weighted by
@@ -61,6 +62,7 @@ class SitePair:
     dense: str
     d_sparse: int
     d_dense: int
+    k_sparse: int | None = None  # the sparse model's own AbsTopK k at its site (None: a dense residual there)
 
 
 def proportional_pairing(sparse_layers: int, dense_layers: int) -> list[int]:
@@ -92,7 +94,8 @@ def pair_sites(sparse: nn.Module, dense: nn.Module, pairing: str | Sequence[int]
         if bad:
             raise BridgeError(f"pairing indices {bad} are outside 0..{len(d_names) - 1} (the dense model has "
                               f"{len(d_names)} residual sites: {', '.join(d_names)})")
-    return [SitePair(s, d_names[j], s_sites.width(s), d_sites.width(d_names[j])) for s, j in zip(s_names, index)]
+    return [SitePair(s, d_names[j], s_sites.width(s), d_sites.width(d_names[j]), s_sites[s].k)
+            for s, j in zip(s_names, index)]
 
 
 # ---------------------------------------------------------------------------
@@ -115,7 +118,7 @@ class Bridges(nn.Module):
     bridges saved before the scales existed) give the plain maps.
     """
 
-    def __init__(self, pairs: Sequence[SitePair], afrac: float | None = 0.25):
+    def __init__(self, pairs: Sequence[SitePair], afrac: float | str | None = 0.25):
         super().__init__()
         self.pairs = list(pairs)
         self.afrac = afrac
@@ -149,6 +152,8 @@ class Bridges(nn.Module):
 
     def k(self, i: int) -> int | None:
         """AbsTopK k of encoder i (None: the encoder output stays dense)."""
+        if self.afrac == "sparse":  # as sparse as what it predicts: the site's own AbsTopK, if any
+            return self.pairs[i].k_sparse
         width = self.pairs[i].d_sparse
         if self.afrac is None or int(self.afrac * width) >= width:
             return None
@@ -400,9 +405,10 @@ class BridgedPair(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **unused) -> BridgeOutput:
         comps, out, dense_logits, _ = self.components(input_ids, labels, self.kl_sites())
         loss = weighted_loss(self.cfg, comps)
-        if not self.training:  # the gate's yardstick beside the hybrids, so every evaluation during training has it
+        if self.training:  # only training steps: an evaluation in between must not overwrite them
+            self.last_components = {k: float(v.detach()) for k, v in comps.items()}
+        else:  # the gate's yardstick beside the hybrids, so every evaluation during training has it
             comps["kl_no_bridge"] = kl_dense_hybrid(dense_logits, out.logits, self.n_vocab)
-        self.last_components = {k: float(v.detach()) for k, v in comps.items()}
         return BridgeOutput(loss=loss, logits=out.logits, components=comps)
 
 
