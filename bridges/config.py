@@ -35,8 +35,10 @@ class BridgeSection:
     kl_d2s: float = field(1.0, "weight of KL(dense || dense -> encoder -> rest of the sparse model), mean over sites")
     kl_s2d: float = field(1.0, "weight of KL(dense || sparse -> decoder -> rest of the dense model), mean over sites")
     lm: float = field(1.0, "weight of the sparse model's own next-token loss (a constant when it is frozen)")
-    afrac: float | None = field(0.25, "AbsTopK kept fraction of the encoder output, k = afrac x d_sparse "
-                                      "(None: no AbsTopK)")
+    afrac: float | Literal["sparse"] | None = field(
+        0.25, "AbsTopK kept fraction of the encoder output, k = afrac x d_sparse; 'sparse': the sparse model's own "
+        "AbsTopK at the paired residual site (none where its residual stream is dense, as in the paper's released "
+        "models); None: no AbsTopK")
     pairing: str | list[int] = field(
         "proportional",
         "'proportional' (sparse residual site i <-> dense site round(i x 2Ld / 2Ls)), or one dense residual-site index "
@@ -79,8 +81,8 @@ class BridgeSection:
         for name in ("nmse", "kl_d2s", "kl_s2d", "lm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bridge.{name} must be >= 0, got {getattr(self, name)}")
-        if self.afrac is not None and not 0 < self.afrac <= 1:
-            raise ConfigError(f"bridge.afrac must be in (0, 1] or None, got {self.afrac}")
+        if self.afrac is not None and self.afrac != "sparse" and not 0 < self.afrac <= 1:
+            raise ConfigError(f"bridge.afrac must be in (0, 1], 'sparse' or None, got {self.afrac}")
         if not self.gate_nmse > 0:
             raise ConfigError(f"bridge.gate_nmse must be > 0, got {self.gate_nmse}")
         if self.sites_per_step is not None and self.sites_per_step < 1:

@@ -170,6 +170,22 @@ def test_hybrid_forwards_have_the_right_shapes_for_unequal_widths_and_depths():
     assert "1.mlp.post_act" in pair.sites
 
 
+def test_encoder_afrac_sparse_follows_the_sparse_models_own_residual_sparsity():
+    """afrac 'sparse': each encoder is as sparse as the site it predicts, none where that residual is dense."""
+    dense = gpt2()
+    plain = BridgedPair(sparse_model(), dense, BridgeSection(afrac="sparse"))
+    assert [plain.bridges.k(i) for i in range(len(plain.pairs))] == [None] * 5  # the default loctypes: dense residual
+    assert (plain.bridges.encode(1, torch.randn(3, 48)) != 0).all()
+    topk_resid = sparse_model(afrac_loctypes="attn_in,mlp_in,resid_post_attn,resid_post_mlp")
+    pair = BridgedPair(topk_resid, dense, BridgeSection(afrac="sparse"))
+    # resid_mid sites are AbsTopK'd after attention, resid_in of layers > 0 and final_resid after an MLP; the
+    # embedding (0.resid_in) is never top-k'd
+    assert [pair.bridges.k(i) for i in range(len(pair.pairs))] == [None, 8, 8, 8, 8]
+    assert ((pair.bridges.encode(3, torch.randn(3, 48)) != 0).sum(-1) == 8).all()
+    fixed = BridgedPair(topk_resid, dense, BridgeSection(afrac=0.5))
+    assert [fixed.bridges.k(i) for i in range(len(fixed.pairs))] == [16] * 5
+
+
 def test_a_model_bridged_to_itself_with_identity_maps_has_zero_kl():
     """SparseGPT on both sides (its own sites), encoder = decoder = I, no AbsTopK: every hybrid is the model itself."""
     model = sparse_model(afrac=None)
