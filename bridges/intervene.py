@@ -11,10 +11,16 @@ model (``circuit.json``) and the circuit's task:
    ``L.mlp.resid_delta`` writes ``L+1.resid_in`` (``final_resid`` after the
    last layer).
 2. Selection, on the task's ``select_split`` prompts (default ``train``): the
-   sparse model runs on them; the circuit channel whose mean at the last
-   prompt position differs most between the two families picks the site and
-   the family means. Two moves are reported: ``single``, that one channel (the
-   paper's picture), and ``multi``, the circuit's best-separating channels at
+   sparse model runs on them and gives each circuit channel its two family
+   means at the last prompt position. With ``select_by="effect"`` (default)
+   each channel is then moved alone, inside the sparse model, from its family's
+   mean to the other's, and the channel that raises the sparse model's own
+   P(other family's completion) most picks the site; with ``"separation"`` the
+   channel whose family means differ most does (in raw units, so it favours
+   the sites where the residual is largest, and on the default run's bridged
+   model it picked a channel whose move changed the sparse model's answer by
+   -0.0007). Two moves are reported: ``single``, that one channel (the
+   paper's picture), and ``multi``, the circuit's best channels (same score) at
    that site moved together (``--channels N``, default 8, fewer when the
    circuit has fewer there): a small model spreads the quote type over several
    residual channels, and one channel alone may barely move the task.
@@ -238,7 +244,7 @@ def _effect(delta_p: Sequence[float], control_mean: Sequence[float], control_sd:
 
 def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] = DEFAULT_ALPHAS, n_channels: int = 8,
               n_controls: int = 8, split: str = "test", select_split: str = "train", n_examples: int = 256,
-              seed: int = 0, check_model: bool = True, eval_task=None) -> dict:
+              seed: int = 0, check_model: bool = True, eval_task=None, select_by: str = "effect") -> dict:
     """Run the sweep (see the module docstring); returns the JSON-able result.
 
     ``eval_task`` (default `task`) gives the ``split`` prompts ΔP is measured on, e.g. the same
@@ -252,6 +258,8 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
     """
     from sparse_lm.arch import context_length, n_layers
 
+    if select_by not in ("effect", "separation"):
+        raise ValueError(f"select_by must be 'effect' or 'separation', got {select_by!r}")
     if 0.0 not in alphas:
         alphas = [0.0, *alphas]
     alphas = sorted(float(a) for a in alphas)
@@ -288,7 +296,22 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
         m = means[c.bridge_site]  # (2, d_sparse)
         return abs(float(m[1, c.channel] - m[0, c.channel]))
 
-    scored = sorted(cands, key=separation, reverse=True)
+    sel_toward = (1 - 2 * sel_batch.family.cpu()).float()[:, None]  # (B_sel, 1), as `toward` below
+    sel_base = p_other(pair.sparse, pair.sites, sel_batch) if select_by == "effect" else None
+    own_effect: dict[tuple[str, int], float] = {}
+
+    def effect(c: Candidate) -> float:
+        """ΔP(other) of the sparse model itself, on the selection prompts, with this channel moved alone."""
+        key = (c.bridge_site, c.channel)
+        if key not in own_effect:
+            m = means[c.bridge_site]
+            change = torch.zeros(len(sel_toward), width)
+            change[:, c.channel] = sel_toward[:, 0] * (m[1, c.channel] - m[0, c.channel])
+            moved = p_other(pair.sparse, pair.sites, sel_batch, c.bridge_site, change)
+            own_effect[key] = _by_family(moved - sel_base, sel_batch.family.cpu())[0]
+        return own_effect[key]
+
+    scored = sorted(cands, key=effect if select_by == "effect" else separation, reverse=True)
     best = scored[0]
     site = best.bridge_site
     i = sparse_index[site]
@@ -386,8 +409,10 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
         "alphas": alphas,
         "circuit_failed": (circuit.get("reason") or True) if circuit.get("failed") else False,
         "model_fingerprint": fingerprint,
+        "select_by": select_by,
         "candidates": [{"bridge_site": c.bridge_site, "channel": c.channel, "node_sites": list(c.node_sites),
-                        "separation": separation(c)}
+                        "separation": separation(c),
+                        **({"sparse_effect": effect(c)} if select_by == "effect" else {})}
                        for c in scored[:20]],
         "dense_residual_norm": resid_norm,
         "single": single,

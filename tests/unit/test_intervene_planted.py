@@ -141,3 +141,26 @@ def test_a_circuit_of_another_model_is_refused_and_an_old_one_warned_about(plant
     r = intervene(pair, tok, TASK, old, alphas=[0.0, 1.0], n_controls=2, n_examples=16, select_split="test")
     assert "no model_fingerprint" in capsys.readouterr().err
     assert r["model_fingerprint"]["checked"] is False and r["selected_on_evaluation_data"]
+
+
+def test_the_channel_is_chosen_by_what_it_does_to_the_sparse_model_not_by_how_far_its_family_means_lie(planted):
+    """A decoy circuit channel separates the families 2.5x more than the planted one but is read by nothing:
+    selection by the sparse model's own ΔP (the default) must still move the planted channel; selection by raw
+    separation picks the decoy, whose move changes neither model's answer."""
+    pair, tok, _ = planted
+    decoy = copy.deepcopy(pair)
+    with torch.no_grad():
+        for model in (decoy.sparse, decoy.dense):
+            wte = model.transformer.wte.weight
+            signal = wte[:, C].sign() * 5.0  # +-5 where C holds +-2: the same families, 2.5x the separation
+            wte[:, WEAK[0]] = torch.where(wte[:, C] != 0, signal, wte[:, WEAK[0]])
+    circuit = _circuit(decoy.sparse)
+    kw = dict(alphas=[0.0, 1.0], n_channels=1, n_controls=2, n_examples=48)
+    by_effect = intervene(decoy, tok, TASK, circuit, **kw)
+    assert by_effect["select_by"] == "effect" and by_effect["single"]["channel"]["channels"] == [C]
+    assert by_effect["single"]["sparse"]["delta_p"][1] > 0.3 and by_effect["single"]["sign_ok"]
+    by_separation = intervene(decoy, tok, TASK, circuit, select_by="separation", **kw)
+    assert by_separation["single"]["channel"]["channels"] == [WEAK[0]]
+    assert abs(by_separation["single"]["sparse"]["delta_p"][1]) < 0.05
+    effects = {c["channel"]: c["sparse_effect"] for c in by_effect["candidates"] if c["bridge_site"] == "final_resid"}
+    assert effects[C] > 0.3 > abs(effects[WEAK[0]])
