@@ -453,10 +453,12 @@ def test_intervention_end_to_end(joint_run, tmp_path):
     assert any(v != 0.0 for v in r["dense"]["delta_p"][1:])
     assert r["channel"]["bridge_site"] in {"0.resid_mid", "1.resid_mid", "final_resid"}
     assert {c["bridge_site"] for c in r["candidates"]} == {"0.resid_mid", "1.resid_mid", "final_resid"}
-    best = max(r["candidates"], key=lambda c: c["separation"])
+    # chosen by each channel's own effect on the sparse model's answer (selection prompts), recorded per candidate
+    assert r["select_by"] == "effect" and all("sparse_effect" in c for c in r["candidates"])
+    best = max(r["candidates"], key=lambda c: c["sparse_effect"])
     # by default up to 8 circuit channels at the best site move together: here the circuit has one there
     there = sorted((c for c in r["candidates"] if c["bridge_site"] == best["bridge_site"]),
-                   key=lambda c: -c["separation"])
+                   key=lambda c: -c["sparse_effect"])
     assert r["channel"]["channels"] == [c["channel"] for c in there][:8] and best["channel"] == there[0]["channel"]
     assert len(r["control"]["per_draw"]) == 3
     # chosen on train prompts, measured on test ones; the single best channel next to the multi-channel move
