@@ -19,8 +19,12 @@ def add_intervene_arguments(p: argparse.ArgumentParser) -> None:
                    help="strengths: 0 = no change, 1 = the other family's mean (comma list; default "
                         "0,0.25,0.5,1,1.5,2)")
     p.add_argument("--channels", type=int, default=8,
-                   help="circuit channels at the chosen site moved together (the best-separating ones; fewer when "
+                   help="circuit channels at the chosen site moved together (the best by --select-by; fewer when "
                         "the circuit has fewer there)")
+    p.add_argument("--select-by", default="effect", choices=["effect", "separation"],
+                   help="how the site and channels are chosen on the --select-split prompts: effect = each circuit "
+                        "channel moved alone inside the sparse model, by how much it raises the sparse model's "
+                        "P(other family's completion); separation = by how far its two family means lie apart")
     p.add_argument("--controls", type=int, default=8, help="random-channel control draws")
     p.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="task split of the prompts the change of P is measured on")
@@ -61,7 +65,8 @@ def run_intervene(args) -> int:
     alphas = [float(a) for a in str(args.alphas).split(",") if a.strip()] if args.alphas else DEFAULT_ALPHAS
     result = intervene(pair, tokenizer, task, circuit, alphas=alphas, n_channels=args.channels,
                        n_controls=args.controls, split=args.split, select_split=args.select_split,
-                       n_examples=args.examples, seed=args.seed, eval_task=eval_task)
+                       n_examples=args.examples, seed=args.seed, eval_task=eval_task,
+                       select_by=args.select_by)
     if eval_task is not None:
         result["code_sample"] = eval_task.sample(args.split, args.examples, args.seed).stats.as_dict()
     result["bridge"] = str(Path(args.bridge).resolve())
