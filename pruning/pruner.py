@@ -13,7 +13,7 @@ is clamped to [-1, 1] after every step. A k_coef tuned on one model can be far
 too strong for another (a dense model spreads the task over many weakly
 important channels, and every node closes at once): when the masked task loss
 stays near chance, the masks are trained again with k_coef / 3 and a new seed
-(``collapse_retries``; a sweep turns this off).
+(``collapse_retries``; a sweep turns the retries off and ends a collapsed run there, as failed).
 
 Then the nodes are ordered by tau (equal taus, common at the clamp, by a
 running average of how much each node's mask lowered the task loss) and the
@@ -481,6 +481,7 @@ class _Search:
     fast: bool = False  # the last-position shortcut matches the full forward pass
     target: float = 0.0  # absolute target loss (a relative one resolved)
     full_val: dict[str, float] = field(default_factory=dict)  # the unpruned model on the validation split
+    fail_on_collapse: bool = False  # a collapse after the last retry fails the search (a sweep) instead of going on
 
     def margins(self, batch: TaskBatch, mask: torch.Tensor,
                 record: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -510,6 +511,7 @@ def prune(
     model_dir: str | None = None,
     fallback_dir: str | None = None,
     faithfulness: bool = True,
+    fail_on_collapse: bool = False,
 ) -> Circuit:
     """Find the smallest circuit of `model` for `cfg.task` at the target loss (see the module docstring).
 
@@ -518,9 +520,12 @@ def prune(
     snippets are skipped). The model is moved to ``cfg.device``; its parameters'
     ``requires_grad`` and its train/eval mode are restored afterwards. ``faithfulness=False`` skips the
     faithfulness curves (as long as the mask training on the main job's model); `circuit_faithfulness` adds
-    them later from ``circuit.order_and_count``.
+    them later from ``circuit.order_and_count``. ``fail_on_collapse=True`` (a sweep) ends the search as failed
+    when the masks collapse after the last retry, instead of ordering and bisecting nodes the masks never told
+    apart (such a search ends near the whole model and costs more than a good one).
     """
     s = _start(model, tokenizer, cfg, means, progress, data=data, model_dir=model_dir, fallback_dir=fallback_dir)
+    s.fail_on_collapse = fail_on_collapse
     with frozen(model):
         reason = _check_full_model(s)
         if reason:
@@ -620,13 +625,15 @@ def _check_full_model(s: _Search) -> str | None:
 def _order_nodes(s: _Search) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]:
     """(node ids in the order they join the circuit, their scores, tau or None, nodes the masks left open or None)."""
     t1 = time.perf_counter()
-    if s.cfg.method == "learned":
-        tau, importance = _learn_masks(s)
-        order, scores, hint = order_nodes(tau, tie_break=importance), tau, int((tau > 0).sum())
-    else:
-        scores = _attribution(s)
-        order, tau, hint = order_nodes(scores), None, None
-    s.seconds["optimise" if s.cfg.method == "learned" else "attribution"] = time.perf_counter() - t1
+    try:
+        if s.cfg.method == "learned":
+            tau, importance = _learn_masks(s)
+            order, scores, hint = order_nodes(tau, tie_break=importance), tau, int((tau > 0).sum())
+        else:
+            scores = _attribution(s)
+            order, tau, hint = order_nodes(scores), None, None
+    finally:  # a failed search (a collapse in a sweep) records its time too
+        s.seconds["optimise" if s.cfg.method == "learned" else "attribution"] = time.perf_counter() - t1
     return order, scores, tau, hint
 
 
@@ -641,10 +648,17 @@ def _learn_masks(s: _Search) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             tau, importance, curve = train_masks(s.model, s.ablation, s.data.train, replace(cfg, seed=seed),
                                                  progress=progress, fast=s.fast, k_coef=k_coef,
-                                                 collapse_at=None if last else collapse_at)
+                                                 collapse_at=None if last and not s.fail_on_collapse else collapse_at)
             break
         except MaskCollapse as e:
             collapses.append({"k_coef": k_coef, "seed": seed, "step": e.step, "loss": round(e.loss, 4)})
+            if last:  # only with fail_on_collapse
+                s.circuit.search.update(k_coef=k_coef, seed=seed, collapses=collapses)
+                raise PruneError(
+                    f"the masks collapsed: {e} of {cfg.steps}, a running mean past {collapse_at:.3f} (3/4 of the way "
+                    f"from the model's own validation loss {s.full_val['loss']:.3f} to chance ln 2) with k_coef "
+                    f"{k_coef:g}, lr {cfg.lr:g}; stopped there (a weaker k_coef or a smaller lr keeps nodes open)"
+                ) from None
             if progress:
                 print(f"masks collapsed with k_coef {k_coef:g}, seed {seed} ({e}); again with k_coef "
                       f"{k_coef / COLLAPSE_K_FACTOR:g}, seed {seed + 1}", flush=True)

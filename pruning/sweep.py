@@ -9,7 +9,12 @@ counts them: `pruning.graph`). The protocol (SPEC §5):
   PruneConfig;
 - failure and objective on the VALIDATION split: a run fails when the search
   fails or its circuit's validation loss misses the target
-  (`pruning.circuit.sweep_outcome`); the best circuit is the smallest that
+  (`pruning.circuit.sweep_outcome`); a run whose masks collapse toward chance
+  (the pruner's collapse test, read on the train minibatches from a fifth of
+  the steps on) fails there (``stop_collapsed``): finished, such a run bisected
+  an order its masks never learned and ended near the whole model (6 and 7 of
+  the 16 runs of the main job's sparse and dense sweeps, each slower than a
+  good run); the best circuit is the smallest that
   passes. The test split is only reported (``test_loss`` of each result);
 - cost = mask-optimisation steps (``prune.steps``; 1 for attribution), not
   wall seconds, so runtime noise cannot shape CARBS's Pareto front. Every run
@@ -71,6 +76,10 @@ class SweepConfig:
                                     "of the circuit at the target loss on the validation split")
     seed: int = field(0, "seed of CARBS")
     num_random_samples: int = field(4, "CARBS's first suggestions, drawn around the search center")
+    stop_collapsed: bool = field(
+        True, "end a run whose masks collapse (the pruner's test: from a fifth of the steps on, a running mean of the "
+        "masked task loss past 3/4 of the way from the model's own loss to chance) there, as a failed run, instead of "
+        "finishing the steps and bisecting an order the masks never learned (such runs end near the whole model)")
     # (cost is not configurable: mask steps, see the module docstring)
 
     def validate(self) -> None:
@@ -119,7 +128,7 @@ def _init_worker(model_dir: str, threads: int) -> None:
     _WORKER.pop("inputs_key", None)
 
 
-def _run_one(prune_cfg: dict, out_dir: str) -> dict:
+def _run_one(prune_cfg: dict, out_dir: str, stop_collapsed: bool = True) -> dict:
     from pruning.pruner import prepare_inputs, prune
 
     # No retries with a smaller k_coef: CARBS must see what its k_coef does.
@@ -134,7 +143,8 @@ def _run_one(prune_cfg: dict, out_dir: str) -> dict:
     data, means = _WORKER["inputs"]
     # No faithfulness curves per run (they cost as much as the mask training): the best circuit gets them at the end.
     circuit = prune(_WORKER["model"], _WORKER["tokenizer"], cfg, progress=False, data=data, means=means,
-                    model_dir=_WORKER["model_dir"], fallback_dir=out_dir, faithfulness=False)
+                    model_dir=_WORKER["model_dir"], fallback_dir=out_dir, faithfulness=False,
+                    fail_on_collapse=stop_collapsed)
     return {"circuit": circuit.to_json(), "order_and_count": circuit.order_and_count,
             "seconds": time.perf_counter() - t0}
 
@@ -248,7 +258,8 @@ class Sweep:
             _init_worker(self.model_dir, threads)
             for _ in range(todo):
                 s = self.carbs.suggest().suggestion
-                row = self._observe(len(self.results), s, _run_one(self._prune_cfg(s), str(self.out)))
+                row = self._observe(len(self.results), s, _run_one(self._prune_cfg(s), str(self.out),
+                                                                   self.cfg.stop_collapsed))
                 self._tick(bar, row)
         else:
             import multiprocessing as mp
@@ -260,7 +271,8 @@ class Sweep:
                 while len(self.results) < self.cfg.iterations:
                     while len(running) < self.cfg.workers and launched < self.cfg.iterations:
                         s = self.carbs.suggest().suggestion  # pending ones are imputed, so workers differ
-                        running[pool.submit(_run_one, self._prune_cfg(s), str(self.out))] = (launched, s)
+                        running[pool.submit(_run_one, self._prune_cfg(s), str(self.out),
+                                            self.cfg.stop_collapsed)] = (launched, s)
                         launched += 1
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
                     for fut in finished:
