@@ -13,7 +13,8 @@ is clamped to [-1, 1] after every step. A k_coef tuned on one model can be far
 too strong for another (a dense model spreads the task over many weakly
 important channels, and every node closes at once): when the masked task loss
 stays near chance, the masks are trained again with k_coef / 3 and a new seed
-(``collapse_retries``; a sweep turns the retries off and ends a collapsed run there, as failed).
+(``collapse_retries``; a sweep turns the retries off, and with ``stop_collapsed`` ends a
+collapsed run there, as failed).
 
 Then the nodes are ordered by tau (equal taus, common at the clamp, by a
 running average of how much each node's mask lowered the task loss) and the

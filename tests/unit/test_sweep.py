@@ -170,3 +170,20 @@ def test_only_the_best_circuit_gets_faithfulness_curves_and_they_equal_a_lone_pr
     want = alone.faithfulness["curve"]
     assert [p[0] for p in got] == [p[0] for p in want]
     assert [p[1] for p in got] == pytest.approx([p[1] for p in want], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_stop_collapsed_reaches_each_run_and_is_off_by_default(model_dir, tmp_path, monkeypatch, stop):
+    import pruning.sweep as sweep_module
+
+    assert SweepConfig().stop_collapsed is False  # CARBS reads failures otherwise than huge circuits (README)
+    seen = []
+
+    def fake_run_one(prune_cfg, out_dir, stop_collapsed=False):
+        seen.append(stop_collapsed)
+        return {"circuit": _fake_circuit(val_loss=0.1, test_loss=0.1, nodes=5, edges=2), "seconds": 0.0}
+
+    monkeypatch.setattr(sweep_module, "_run_one", fake_run_one)
+    cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=2", f"stop_collapsed={str(stop).lower()}"])
+    Sweep(cfg, str(model_dir), tmp_path).run(progress=False)
+    assert seen == [stop, stop]
