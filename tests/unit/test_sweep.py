@@ -137,8 +137,7 @@ def test_two_in_process_sweeps_on_different_models_do_not_share_inputs(model_dir
     SparseGPT(SparseGPTConfig(vocab_size=len(tok), block_size=512, n_layer=1, n_head=2, d_head=8, d_model=24,
                               d_mlp=48)).save_pretrained(other)
     tok.save_pretrained(other)
-    # stop_collapsed off: the untrained models' masks may collapse, and this run must reach its node vectors
-    cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=1", "stop_collapsed=false"])
+    cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=1"])
     Sweep(cfg, str(model_dir), tmp_path / "a").run(progress=False)
     Sweep(cfg, str(other), tmp_path / "b").run(progress=False)
     state = json.loads((tmp_path / "b" / STATE_FILE).read_text())
