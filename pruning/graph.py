@@ -279,6 +279,19 @@ def fold_o_to_v(o: torch.Tensor, o_reads_v: torch.Tensor | None, d_v: int) -> to
     return torch.where(hi.abs() >= lo.abs(), hi, lo)
 
 
+def weight_edge_count(model: nn.Module, index: NodeIndex) -> int:
+    """``num_edges`` of the whole model (every node open), counted without listing ~millions of edges:
+    the nonzero entries of the weight matrices between node sites, as `circuit_edges` types them."""
+    n = 0
+    for layer in sorted({s.layer for s in index}):
+        w, p = layer_weights(model, layer), f"{layer}."
+        pairs = [("attn.act_in", f"attn.{c}", m) for c, m in (("q", w.q), ("k", w.k), ("v", w.v))]
+        pairs += [("attn.v", "attn.resid_delta", fold_o_to_v(w.o, w.o_reads_v, w.v.shape[0])),
+                  ("mlp.act_in", "mlp.post_act", w.fc), ("mlp.post_act", "mlp.resid_delta", w.proj)]
+        n += sum(int((m != 0).sum()) for src, dst, m in pairs if p + src in index.by_name and p + dst in index.by_name)
+    return n
+
+
 def circuit_edges(model: nn.Module, index: NodeIndex, open_mask: torch.Tensor) -> list[Edge]:
     """Every typed edge and link between open nodes (``open_mask``: (N,) bool), in forward order of their targets.
 

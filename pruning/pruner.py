@@ -13,8 +13,8 @@ is clamped to [-1, 1] after every step. A k_coef tuned on one model can be far
 too strong for another (a dense model spreads the task over many weakly
 important channels, and every node closes at once): when the masked task loss
 stays near chance, the masks are trained again with k_coef / 3 and a new seed
-(``collapse_retries``; a sweep turns the retries off, and with ``stop_collapsed`` ends a
-collapsed run there, as failed).
+(``collapse_retries``; a sweep turns the retries off and ends a collapsed run there,
+``stop_collapsed``).
 
 Then the nodes are ordered by tau (equal taus, common at the clamp, by a
 running average of how much each node's mask lowered the task loss) and the
@@ -86,7 +86,7 @@ from tasks.loss import TaskBatch, family_mean
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["prune", "circuit_faithfulness", "prepare_inputs", "PruneError", "heaviside_ste", "surrogate_grad", "Ablation", "train_masks",
+__all__ = ["prune", "finish_circuit", "prepare_inputs", "PruneError", "heaviside_ste", "surrogate_grad", "Ablation", "train_masks",
            "order_nodes", "keep_mask", "bisect_count", "fit_calibration", "resolve_device", "frozen"]
 
 
@@ -483,6 +483,7 @@ class _Search:
     target: float = 0.0  # absolute target loss (a relative one resolved)
     full_val: dict[str, float] = field(default_factory=dict)  # the unpruned model on the validation split
     fail_on_collapse: bool = False  # a collapse after the last retry fails the search (a sweep) instead of going on
+    measure: bool = True  # measure on test, calibrate and describe the circuit (a sweep's runs: only the best, later)
 
     def margins(self, batch: TaskBatch, mask: torch.Tensor,
                 record: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -513,6 +514,7 @@ def prune(
     fallback_dir: str | None = None,
     faithfulness: bool = True,
     fail_on_collapse: bool = False,
+    measure: bool = True,
 ) -> Circuit:
     """Find the smallest circuit of `model` for `cfg.task` at the target loss (see the module docstring).
 
@@ -520,13 +522,15 @@ def prune(
     preparation when pruning one model repeatedly (a sweep). A tokenizer is needed unless both are given (then
     snippets are skipped). The model is moved to ``cfg.device``; its parameters'
     ``requires_grad`` and its train/eval mode are restored afterwards. ``faithfulness=False`` skips the
-    faithfulness curves (as long as the mask training on the main job's model); `circuit_faithfulness` adds
-    them later from ``circuit.order_and_count``. ``fail_on_collapse=True`` (a sweep) ends the search as failed
+    faithfulness curves (as long as the mask training on the main job's model). ``fail_on_collapse=True`` (a sweep) ends the search as failed
     when the masks collapse after the last retry, instead of ordering and bisecting nodes the masks never told
-    apart (such a search ends near the whole model and costs more than a good one).
+    apart (such a search ends near the whole model and costs more than a good one); its ``search`` then has
+    ``stopped_at_collapse``. ``measure=False`` (a sweep's runs) stops once the circuit is chosen and its nodes
+    and edges listed: no test split, no calibration, no per-family means or snippets; `finish_circuit` adds
+    them later, for the one circuit a sweep keeps, as this call would have.
     """
     s = _start(model, tokenizer, cfg, means, progress, data=data, model_dir=model_dir, fallback_dir=fallback_dir)
-    s.fail_on_collapse = fail_on_collapse
+    s.fail_on_collapse, s.measure = fail_on_collapse, measure
     with frozen(model):
         reason = _check_full_model(s)
         if reason:
@@ -538,30 +542,35 @@ def prune(
         count = _search_count(s, order, hint)
         if count is None:  # cannot happen when the full model meets the target; kept for non-monotone surprises
             return s.fail("no node count reaches the target on the validation split", timed=False)
-        mask, kept, acts = _measure(s, order, count)
         s.circuit.order_and_count = (order.tolist(), int(count))
-        if faithfulness:
-            _faithfulness(s, order, count)
-        _list_edges(s, mask)
-        _describe_nodes(s, kept, acts, scores, tau)
+        _list_edges(s, keep_mask(order, count, s.index.total))
+        _list_nodes(s, order[:count].sort().values.tolist(), scores, tau)
+        if measure:
+            _finish(s, order, count, faithfulness)
     s.seconds["total"] = time.perf_counter() - s.t0
     s.circuit.search["seconds"] = {k: round(v, 3) for k, v in s.seconds.items()}
     s.circuit.search["means_source"] = s.means.source
     return s.circuit
 
 
-def circuit_faithfulness(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, cfg: PruneConfig,
-                         order_and_count: tuple[list[int], int], *, data: TaskData | None = None,
-                         means: Means | None = None, model_dir: str | None = None,
-                         fallback_dir: str | None = None) -> dict[str, Any]:
-    """The faithfulness curves (`Circuit.faithfulness`) of a circuit `prune` found with ``faithfulness=False``,
-    from its ``order_and_count``: the same curves `prune` would have added (same splits, same budgets)."""
+def finish_circuit(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, cfg: PruneConfig,
+                   circuit: dict[str, Any], order_and_count: tuple[list[int], int], *, faithfulness: bool = True,
+                   data: TaskData | None = None, means: Means | None = None, model_dir: str | None = None,
+                   fallback_dir: str | None = None) -> Circuit:
+    """The circuit `prune` would have returned, from one it returned with ``measure=False`` (``circuit``, its
+    JSON) and its ``order_and_count``: calibration, test metrics, checks, node descriptions and (with
+    `faithfulness`) the curves, on the same splits. A sweep measures only the circuit it keeps."""
     s = _start(model, tokenizer, cfg, means, False, data=data, model_dir=model_dir, fallback_dir=fallback_dir)
+    s.circuit = Circuit.from_json(circuit)
     order, count = order_and_count
     with frozen(model):
         s.fast = fast_head_ok(model, s.data.val)
-        _faithfulness(s, torch.as_tensor(order, dtype=torch.long, device=s.mean_vec.device), count)
-    return s.circuit.faithfulness
+        s.full_val, s.target = s.circuit.metrics["full_model_val"], s.circuit.target_loss
+        _finish(s, torch.as_tensor(order, dtype=torch.long, device=s.mean_vec.device), int(count), faithfulness)
+    s.circuit.search["seconds"] = {**s.circuit.search.get("seconds", {}),
+                                   **{k: round(v, 3) for k, v in s.seconds.items() if k != "prepare"}}
+    s.circuit.order_and_count = (list(order), int(count))
+    return s.circuit
 
 
 def _start(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, cfg: PruneConfig, means: Means | None,
@@ -599,9 +608,10 @@ def _check_full_model(s: _Search) -> str | None:
     s.fast = fast_head_ok(model, data.val)
     all_open = torch.ones(s.index.total, device=s.mean_vec.device)  # no site hooked: the model itself
     full_val = s.metric(data.val, all_open)
-    full_test = s.metric(data.test, all_open)
     s.full_val = full_val
-    s.circuit.metrics.update(full_model=full_test, full_model_val=full_val)
+    s.circuit.metrics["full_model_val"] = full_val
+    if s.measure:  # else measured with the rest, for the circuit a sweep keeps (`finish_circuit`)
+        s.circuit.metrics["full_model"] = s.metric(data.test, all_open)
     s.circuit.search.update(full_model_val=full_val, fast_head=s.fast)
     own = full_val["loss"]
     s.target = cfg.target_loss if cfg.relative_margin is None else own + cfg.relative_margin
@@ -654,7 +664,7 @@ def _learn_masks(s: _Search) -> tuple[torch.Tensor, torch.Tensor]:
         except MaskCollapse as e:
             collapses.append({"k_coef": k_coef, "seed": seed, "step": e.step, "loss": round(e.loss, 4)})
             if last:  # only with fail_on_collapse
-                s.circuit.search.update(k_coef=k_coef, seed=seed, collapses=collapses)
+                s.circuit.search.update(k_coef=k_coef, seed=seed, collapses=collapses, stopped_at_collapse=True)
                 raise PruneError(
                     f"the masks collapsed: {e} of {cfg.steps}, a running mean past {collapse_at:.3f} (3/4 of the way "
                     f"from the model's own validation loss {s.full_val['loss']:.3f} to chance ln 2) with k_coef "
@@ -702,6 +712,8 @@ def _measure(s: _Search, order: torch.Tensor, count: int) -> tuple[torch.Tensor,
     """
     t1 = time.perf_counter()
     data, index, target, c = s.data, s.index, s.target, s.circuit
+    if "full_model" not in c.metrics:  # a search without `measure`
+        c.metrics["full_model"] = s.metric(data.test, torch.ones(index.total, device=s.mean_vec.device))
     mask = keep_mask(order, count, index.total)
     kept = order[:count].sort().values.tolist()
     calib = data.train.select(slice(0, min(len(data.train), CALIBRATION_EXAMPLES)))
@@ -788,24 +800,40 @@ def _list_edges(s: _Search, mask: torch.Tensor) -> None:
     s.seconds["edges"] = time.perf_counter() - t1
 
 
-def _describe_nodes(s: _Search, kept: list[int], acts: dict[str, torch.Tensor], scores: torch.Tensor,
-                    tau: torch.Tensor | None) -> None:
-    """One `CircuitNode` per kept node: score, mean, per-family activation, top corpus snippets."""
+def _finish(s: _Search, order: torch.Tensor, count: int, faithfulness: bool) -> None:
+    """What the test split and the corpus say about the chosen circuit: calibration, metrics and checks,
+    the faithfulness curves, each node's per-family activation and snippets."""
+    _, _, acts = _measure(s, order, count)
+    if faithfulness:
+        _faithfulness(s, order, count)
+    _describe_nodes(s, acts)
+
+
+def _list_nodes(s: _Search, kept: list[int], scores: torch.Tensor, tau: torch.Tensor | None) -> None:
+    """One `CircuitNode` per kept node (ids ascending): site, channel, score, tau, ablation mean."""
+    index = s.index
+    s.circuit.nodes = []
+    for i in kept:
+        site, ch = index.node(i)
+        s.circuit.nodes.append(CircuitNode(
+            id=i, site=site.name, layer=site.layer, kind=site.kind, channel=ch,
+            tau=None if tau is None else float(tau[i]), score=float(scores[i]), mean=float(s.mean_vec[i])))
+    s.circuit.num_nodes = len(s.circuit.nodes)
+
+
+def _describe_nodes(s: _Search, acts: dict[str, torch.Tensor]) -> None:
+    """Each listed node's mean activation per prompt family (test split) and its top corpus snippets."""
     t1 = time.perf_counter()
-    index, cfg = s.index, s.cfg
-    node_keys = [(index.node(i)[0].name, index.node(i)[1]) for i in kept]
-    snippets: list[list[dict[str, Any]]] = [[] for _ in kept]
-    if cfg.snippets > 0 and s.tokenizer is not None and kept:
+    nodes, cfg = s.circuit.nodes, s.cfg
+    node_keys = [(n.site, n.channel) for n in nodes]
+    snippets: list[list[dict[str, Any]]] = [[] for _ in nodes]
+    if cfg.snippets > 0 and s.tokenizer is not None and nodes:
         snippets = top_snippets(s.model, s.tokenizer, s.means.blocks, node_keys, k=cfg.snippets,
                                 tokens=cfg.snippet_tokens)
     s.seconds["snippets"] = time.perf_counter() - t1
     fam = s.data.test.family
-    for i, (site_name, ch), snips in zip(kept, node_keys, snippets):
-        site = index.by_name[site_name]
-        values = acts[site_name][:, ch]  # (B,) at the last prompt position
-        by_family = [float(values[fam == f].mean()) if bool((fam == f).any()) else float("nan") for f in (0, 1)]
-        s.circuit.nodes.append(CircuitNode(
-            id=i, site=site_name, layer=site.layer, kind=site.kind, channel=ch,
-            tau=None if tau is None else float(tau[i]), score=float(scores[i]), mean=float(s.mean_vec[i]),
-            mean_by_family=by_family, snippets=snips))
-    s.circuit.num_nodes = len(s.circuit.nodes)
+    for node, snips in zip(nodes, snippets):
+        values = acts[node.site][:, node.channel]  # (B,) at the last prompt position
+        node.mean_by_family = [float(values[fam == f].mean()) if bool((fam == f).any()) else float("nan")
+                               for f in (0, 1)]
+        node.snippets = snips

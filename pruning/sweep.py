@@ -11,12 +11,19 @@ counts them: `pruning.graph`). The protocol (SPEC §5):
   fails or its circuit's validation loss misses the target
   (`pruning.circuit.sweep_outcome`); a run whose masks collapse toward chance
   (the pruner's collapse test, read on the train minibatches from a fifth of
-  the steps on) can fail there (``stop_collapsed``, off by default): finished,
-  such a run bisects an order its masks never learned and ends near the whole
-  model, slower than a good run; but CARBS reads a failure otherwise than a
-  huge circuit, and on the main job's dense model 14 of 16 runs then failed
-  (README, "sparse-lm sweep"); the best circuit is the smallest that
-  passes. The test split is only reported (``test_loss`` of each result);
+  the steps on) ends there (``stop_collapsed``, on by default): finished, such
+  a run bisects an order its masks never learned and ends near the whole model,
+  slower than a good run. CARBS observes it as what it would have ended as, a
+  circuit of the whole model (every node; the whole model's weight edges for the
+  ``edges`` objective), not as a failure: reported as failures, collapses left
+  CARBS with 2 circuits in 16 runs on the main job's dense model (README,
+  "sparse-lm sweep"). The row records ``collapsed`` and the run is never the
+  best; the best circuit is the smallest that passes;
+- the test split is read for the best circuit only: runs stop once their
+  circuit is chosen on validation (``prune(measure=False)``: no test metrics,
+  calibration or snippets), and the kept circuit is measured at the end
+  (`pruning.pruner.finish_circuit`, with its faithfulness curves), as a lone
+  ``prune`` with its settings would have; its row gets ``test_loss`` then;
 - cost = mask-optimisation steps (``prune.steps``; 1 for attribution), not
   wall seconds, so runtime noise cannot shape CARBS's Pareto front. Every run
   has the same cost, so the front is the smallest circuit found.
@@ -62,10 +69,10 @@ from sparse_lm.io import atomic_write_text
 from sparse_lm.plots import save_png
 
 STATE_FILE = "sweep_state.json"
-BEST_ORDER_FILE = "best_order.json"  # the best run's node order, for its faithfulness curves at the end
+BEST_ORDER_FILE = "best_order.json"  # the best run's circuit and node order, measured at the end (`_finish_best`)
 # Version of the sweep protocol stored in the state: a state from another protocol (e.g. costs in
-# seconds, failures judged on test) must not be continued.
-PROTOCOL = "sweep-protocol/2"
+# seconds, failures judged on test, collapses observed as failures) must not be continued.
+PROTOCOL = "sweep-protocol/3"
 
 
 @dataclasses.dataclass
@@ -78,11 +85,10 @@ class SweepConfig:
     seed: int = field(0, "seed of CARBS")
     num_random_samples: int = field(4, "CARBS's first suggestions, drawn around the search center")
     stop_collapsed: bool = field(
-        False, "end a run whose masks collapse (the pruner's test: from a fifth of the steps on, a running mean of "
-        "the masked task loss past 3/4 of the way from the model's own loss to chance) there, as a failed run, "
-        "instead of finishing the steps and bisecting an order the masks never learned (such runs end near the "
-        "whole model); off by default: CARBS reads a failure otherwise than a huge circuit, and on the main "
-        "job's dense model 14 of 16 runs then failed")
+        True, "end a run whose masks collapse (the pruner's test: from a fifth of the steps on, a running mean of "
+        "the masked task loss past 3/4 of the way from the model's own loss to chance) there, instead of finishing "
+        "the steps and bisecting an order the masks never learned (such runs end near the whole model); CARBS "
+        "observes it as a circuit of the whole model, the run is never the best")
     # (cost is not configurable: mask steps, see the module docstring)
 
     def validate(self) -> None:
@@ -145,23 +151,25 @@ def _run_one(prune_cfg: dict, out_dir: str, stop_collapsed: bool = False) -> dic
         _WORKER["inputs_key"] = key
     data, means = _WORKER["inputs"]
     # No faithfulness curves per run (they cost as much as the mask training): the best circuit gets them at the end.
+    # Only the circuit the sweep keeps is measured on test, described and given curves (`_finish_best`).
     circuit = prune(_WORKER["model"], _WORKER["tokenizer"], cfg, progress=False, data=data, means=means,
                     model_dir=_WORKER["model_dir"], fallback_dir=out_dir, faithfulness=False,
-                    fail_on_collapse=stop_collapsed)
+                    fail_on_collapse=stop_collapsed, measure=False)
     return {"circuit": circuit.to_json(), "order_and_count": circuit.order_and_count,
             "seconds": time.perf_counter() - t0}
 
 
-def _best_faithfulness(model_dir: str, prune_cfg: dict, order_and_count: tuple[list[int], int], out_dir: str,
-                       threads: int) -> dict:
-    """The faithfulness curves of the sweep's best circuit (what `prune` adds when run alone)."""
-    from pruning.pruner import circuit_faithfulness
+def _finish_one(model_dir: str, prune_cfg: dict, circuit: dict, order_and_count: tuple[list[int], int],
+                out_dir: str, threads: int) -> dict:
+    """The sweep's best circuit as a lone `prune` with its settings gives it (test metrics, nodes, curves)."""
+    from pruning.pruner import finish_circuit
 
     if _WORKER.get("model_dir") != model_dir:
         _init_worker(model_dir, threads)
     cfg = configlib.from_dict(PruneConfig, {**prune_cfg, "collapse_retries": 0})
-    return circuit_faithfulness(_WORKER["model"], _WORKER["tokenizer"], cfg, order_and_count,
-                                model_dir=model_dir, fallback_dir=out_dir)
+    return finish_circuit(_WORKER["model"], _WORKER["tokenizer"], cfg, circuit, order_and_count,
+                          faithfulness=cfg.faithfulness_points > 0, model_dir=model_dir,
+                          fallback_dir=out_dir).to_json()
 
 
 # -- the sweep --------------------------------------------------------------------------
@@ -172,6 +180,7 @@ class Sweep:
         self.cfg, self.model_dir, self.out = cfg, model_dir, Path(out)
         self.state_path = self.out / STATE_FILE
         self.results: list[dict] = []
+        self._whole_edges: int | None = None  # the whole model's weight edges, when a collapse needs them
         params = CARBSParams(better_direction_sign=-1, seed=cfg.seed, num_random_samples=cfg.num_random_samples,
                              is_saved_on_every_observation=False)
         self.carbs = CARBS(params, search_space(cfg.prune))
@@ -207,12 +216,16 @@ class Sweep:
         c = result["circuit"]
         objective, failed = sweep_outcome(c, self.cfg.objective)  # judged on the validation split
         cost = run_cost(self.cfg.prune)
-        self.carbs.observe(ObservationInParam(input=suggestion, output=objective if not failed else 0.0,
-                                              cost=cost, is_failure=failed))
+        # A run stopped at a collapse would have ended near the whole model: CARBS sees that circuit.
+        collapsed = bool(c.get("failed") and (c.get("search") or {}).get("stopped_at_collapse"))
+        seen = self._whole_model_size(c) if collapsed else (objective if not failed else 0.0)
+        self.carbs.observe(ObservationInParam(input=suggestion, output=seen, cost=cost,
+                                              is_failure=failed and not collapsed))
         reason = c.get("reason") or ""
         if failed and not c.get("failed"):
             reason = f"validation loss {validation_loss(c)} misses the target {c.get('target_loss')}"
         row = {"iteration": iteration, "params": {k: suggestion[k] for k in SEARCHED}, "failed": failed,
+               "collapsed": collapsed, "carbs_output": seen if not (failed and not collapsed) else None,
                "objective": objective if not failed else None, "num_nodes": c.get("num_nodes"),
                "num_edges": c.get("num_edges"), "num_edges_all_links": c.get("num_edges_all_links"),
                "edges_by_type": c.get("edges_by_type"), "reason": reason, "cost": cost,
@@ -220,32 +233,45 @@ class Sweep:
                "target_loss": c.get("target_loss"), "val_loss": validation_loss(c),
                "test_loss": (c.get("metrics") or {}).get("circuit", {}).get("loss")}
         improved = not failed and (self.best() is None or objective < self.best()["objective"])
+        if improved and result.get("order_and_count") is not None:  # what `_finish_best` needs at the end
+            order, count = result["order_and_count"]
+            atomic_write_text(self.out / BEST_ORDER_FILE, json.dumps(
+                {"iteration": iteration, "order": list(order), "count": count, "circuit": c}) + "\n")
         self.results.append(row)
         self._save_state()
-        if improved:
-            write_circuit_folder(c, self._prune_cfg(suggestion), self.model_dir, self.out)
-            if result.get("order_and_count") is not None:  # for the best circuit's curves at the end
-                order, count = result["order_and_count"]
-                atomic_write_text(self.out / BEST_ORDER_FILE,
-                                  json.dumps({"iteration": iteration, "order": list(order), "count": count}) + "\n")
         return row
 
-    def _add_best_faithfulness(self, threads: int) -> None:
-        """Faithfulness curves for the best circuit only (runs skip them); on a resume, once."""
-        best, path = self.best(), self.out / "circuit.json"
-        if best is None or self.cfg.prune.faithfulness_points <= 0 or not path.exists():
+    def _whole_model_size(self, c: dict) -> float:
+        """The objective of a circuit of every node: nodes, or the whole model's weight edges."""
+        if self.cfg.objective == "nodes":
+            return float(c["total_nodes"])
+        if self._whole_edges is None:
+            from pruning.graph import NodeIndex, weight_edge_count
+            from sparse_lm.loading import load_model_and_tokenizer
+
+            model, _ = load_model_and_tokenizer(self.model_dir)
+            self._whole_edges = weight_edge_count(model, NodeIndex.build(model, self.cfg.prune.node_sites))
+        return float(self._whole_edges)
+
+    def _finish_best(self, threads: int) -> None:
+        """Measure the best circuit on test, describe it, add its curves, and write its folder; on a resume,
+        once (``circuit.json`` records the sweep iteration it came from)."""
+        best, path, order_path = self.best(), self.out / "circuit.json", self.out / BEST_ORDER_FILE
+        if best is None or not order_path.exists():
             return
-        c = json.loads(path.read_text())
-        order_path = self.out / BEST_ORDER_FILE
-        if c.get("faithfulness") or not order_path.exists():
+        if path.exists() and json.loads(path.read_text()).get("search", {}).get("sweep_iteration") == best["iteration"]:
             return
         saved = json.loads(order_path.read_text())
-        if saved.get("iteration") != best["iteration"]:
-            return
+        if saved.get("iteration") != best["iteration"] or "circuit" not in saved:
+            raise ValueError(f"{order_path} does not hold the best run (iteration {best['iteration']}) of "
+                             f"{self.state_path}; delete both to start the sweep over")
         prune_cfg = self._prune_cfg(best["params"])
-        c["faithfulness"] = _best_faithfulness(self.model_dir, prune_cfg, (saved["order"], int(saved["count"])),
-                                               str(self.out), threads)
+        c = _finish_one(self.model_dir, prune_cfg, saved["circuit"], (saved["order"], int(saved["count"])),
+                        str(self.out), threads)
+        c["search"]["sweep_iteration"] = best["iteration"]
         write_circuit_folder(c, prune_cfg, self.model_dir, self.out)
+        best["test_loss"] = c["metrics"]["circuit"]["loss"]
+        self._save_state()
 
     def run(self, progress: bool = True) -> dict | None:
         from tqdm import tqdm
@@ -282,16 +308,18 @@ class Sweep:
                         it, s = running.pop(fut)
                         self._tick(bar, self._observe(it, s, fut.result()))
         bar.close()
-        self._add_best_faithfulness(max(1, os.cpu_count() or 1))
+        self._finish_best(max(1, os.cpu_count() or 1))
         plot_sweep(self.results, self.out / "sweep.png", self.cfg.objective)
         return self.best()
 
     def summary(self) -> dict:
         """What a caller reads after `run`: the best result row (None when every run failed; its
         ``objective``, ``num_nodes``, ``num_edges``, ``edges_by_type``, ``val_loss``, ``test_loss``,
-        ``params``, ``iteration``), the number of iterations and failures, and the paths written."""
+        ``params``, ``iteration``), the number of iterations, failures and collapses (failures CARBS saw as the
+        whole model), and the paths written."""
         best = self.best()
         return {"best": best, "iterations": len(self.results), "failures": sum(r["failed"] for r in self.results),
+                "collapsed": sum(bool(r.get("collapsed")) for r in self.results),
                 "objective": self.cfg.objective, "state_file": str(self.state_path),
                 "circuit": str(self.out / "circuit.json") if best is not None else None,
                 "plot": str(self.out / "sweep.png")}
@@ -333,7 +361,8 @@ def plot_sweep(results: list[dict], png: Path, objective: str) -> None:
     n = 2 + len(SEARCHED)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6))
     good = [r for r in results if not r["failed"]]
-    bad = [r for r in results if r["failed"]]
+    bad = [r for r in results if r["failed"] and not r.get("collapsed")]
+    collapsed = [r for r in results if r.get("collapsed")]
     ob = [r["objective"] for r in good]
     top = max(ob) if ob else 1
     ax = axes[0]
@@ -345,6 +374,8 @@ def plot_sweep(results: list[dict], png: Path, objective: str) -> None:
         best.append(running)
     ax.step([r["iteration"] for r in results], best, where="post", label="best so far")
     ax.plot([r["iteration"] for r in bad], [top] * len(bad), "rx", label="failed (val)")
+    ax.plot([r["iteration"] for r in collapsed], [top] * len(collapsed), "v", color="tab:orange",
+            label="collapsed (CARBS: the whole model)")
     ax.set(xlabel="iteration", ylabel=f"circuit {objective}", title="CARBS search")
     ax.legend(fontsize=8)
     ax = axes[1]
@@ -354,11 +385,13 @@ def plot_sweep(results: list[dict], png: Path, objective: str) -> None:
         ax.step([c for c, _ in front], [o for _, o in front], "k-", where="post", marker="*", ms=10,
                 label="Pareto front")
     ax.plot([r["cost"] for r in bad], [top] * len(bad), "rx", label="failed")
+    ax.plot([r["cost"] for r in collapsed], [top] * len(collapsed), "v", color="tab:orange", label="collapsed")
     ax.set(xlabel="cost (mask steps)", ylabel=f"circuit {objective}", title="size by cost")
     ax.legend(fontsize=8)
     for ax, key in zip(axes[2:], SEARCHED):
         ax.plot([r["params"][key] for r in good], ob, "o")
         ax.plot([r["params"][key] for r in bad], [top] * len(bad), "rx")
+        ax.plot([r["params"][key] for r in collapsed], [top] * len(collapsed), "v", color="tab:orange")
         ax.set(xscale="log" if key != "beta2" else "linear", xlabel=key)
     fig.tight_layout()
     save_png(fig, png, dpi=90)

@@ -126,7 +126,8 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
                                               k for k in ("keeps_target", "destroys_task") if not c.get(k)))
             tuned = c.get("tuned_by") or "–"
             if c.get("sweep_iterations"):
-                tuned += f" ({c['sweep_iterations']} runs, {c.get('sweep_failures', 0)} failed)"
+                collapsed = f", {c['sweep_collapsed']} of them collapsed" if c.get("sweep_collapsed") else ""
+                tuned += f" ({c['sweep_iterations']} runs, {c.get('sweep_failures', 0)} failed{collapsed})"
             if c.get("sweep_png") and Path(c["sweep_png"]).exists():
                 sweeps.append(c["sweep_png"])
             rows.append([c["task"], c["model"], c["method"], tuned, _num(c.get("target_loss")),

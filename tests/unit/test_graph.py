@@ -166,3 +166,23 @@ def test_grouped_query_attention_maps_v_channels_through_their_query_heads():
     got = {(index.node(e.src)[1], index.node(e.dst)[1], round(e.weight, 4), e.type) for e in edges}
     # reading the first 8 columns of o as if they were v channels would give v5 -> 3 and miss v6
     assert got == {(1, 3, 0.5, O), (6, 2, -0.7, O)}
+
+
+def test_whole_model_edge_count_without_listing_equals_the_listed_count():
+    """What a sweep tells CARBS a collapsed run would have cost under the edges objective."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pruning.graph import weight_edge_count
+
+    model = _hand_built()
+    index = NodeIndex.build(model, DEFAULT_NODE_KINDS)
+    assert weight_edge_count(model, index) == 13  # HAND_COUNTS' weights
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=8)).eval()
+    with torch.no_grad():
+        llama.model.layers[1].mlp.down_proj.weight[:, :3] = 0.0  # some zero weights: not edges
+    for kinds in (DEFAULT_NODE_KINDS, ["attn.v", "attn.resid_delta", "mlp.post_act"]):
+        index = NodeIndex.build(llama, kinds)
+        assert weight_edge_count(llama, index) == count_edges(circuit_edges(llama, index, _all_open(index))).weights

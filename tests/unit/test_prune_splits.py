@@ -17,7 +17,7 @@ from test_pruning import PLANTED, planted, planted_cfg, planted_data, planted_mo
 from pruning.control import random_weights_like
 from pruning.faithfulness import budgets, curve_areas, faithfulness_curve, faithfulness_value
 from pruning.forward import TaskData, precision_context
-from pruning.pruner import prune
+from pruning.pruner import finish_circuit, prune
 from sparse_lm.model import SparseGPT, SparseGPTConfig
 from tasks.loss import TaskBatch
 
@@ -53,6 +53,29 @@ def test_nothing_is_chosen_on_the_test_split(planted, method):  # noqa: F811
     # ... while the reported test numbers do see the flipped answers
     assert upside_down.metrics["full_model"]["accuracy"] < 0.1 and upside_down.metrics["circuit"]["loss"] > math.log(2)
     assert not upside_down.verification["keeps_target"] and upside_down.verification["keeps_target_val"]
+
+
+def test_a_sweep_run_reads_no_test_split_and_finishing_it_gives_the_lone_prune(planted):  # noqa: F811
+    """A sweep's runs stop once the circuit is chosen (``measure=False``); the one it keeps is measured
+    afterwards (`finish_circuit`) and must come out as a lone `prune` gives it."""
+    model, _, means, _ = planted
+    cfg = planted_cfg(relative_margin=0.1, faithfulness_points=4)
+    data = planted_data()
+    lone = prune(model, None, cfg, means=means, data=data, progress=False).to_json()
+    run = prune(model, None, cfg, means=means, data=data, progress=False, measure=False, faithfulness=False)
+    blind = prune(model, None, cfg, means=means, data=with_split(data, test=flipped(data.test)), progress=False,
+                  measure=False, faithfulness=False)
+
+    def choices(c: dict) -> dict:
+        return {**c, "search": {k: v for k, v in c["search"].items() if k != "seconds"}}
+
+    assert not run.failed and choices(run.to_json()) == choices(blind.to_json())  # test plays no part
+    assert set(run.metrics) == {"full_model_val"} and not run.faithfulness and not run.verification
+    assert [n.id for n in run.nodes] == [n["id"] for n in lone["nodes"]] and run.num_edges == lone["num_edges"]
+    done = finish_circuit(model, None, cfg, run.to_json(), run.order_and_count, means=means, data=data).to_json()
+    for key in ("nodes", "edges", "num_nodes", "num_edges", "edges_by_type", "metrics", "verification",
+                "calibration", "faithfulness", "target_loss"):
+        assert done[key] == lone[key], key
 
 
 def test_the_validation_split_decides_whether_the_model_is_pruned(planted):  # noqa: F811

@@ -98,16 +98,47 @@ def test_failure_and_choice_use_validation_and_cost_is_mask_steps(tmp_path):
         (_fake_circuit(val_loss=0.30, test_loss=0.05, nodes=3, edges=1), 0.5),  # val misses, test ok: failure
         (_fake_circuit(val_loss=0.15, test_loss=0.10, nodes=12, edges=6), 2.0),  # at the target: success
     ]
-    rows = [sweep._observe(i, sweep.carbs.suggest().suggestion, {"circuit": c, "seconds": sec})
+    rows = [sweep._observe(i, sweep.carbs.suggest().suggestion,
+                           {"circuit": c, "seconds": sec, "order_and_count": (list(range(32)), c["num_nodes"])})
             for i, (c, sec) in enumerate(runs)]
     assert [r["failed"] for r in rows] == [False, True, False]
     assert "validation loss 0.3" in rows[1]["reason"]
     assert sweep.best()["iteration"] == 0 and sweep.best()["objective"] == 9.0  # chosen on validation
-    assert json.loads((tmp_path / "circuit.json").read_text())["num_nodes"] == 9
+    kept = json.loads((tmp_path / "best_order.json").read_text())  # measured on test at the end of the sweep
+    assert kept["iteration"] == 0 and kept["circuit"]["num_nodes"] == 9 and kept["count"] == 9
     costs = [o.cost for o in sweep.carbs.success_observations + sweep.carbs.failure_observations]
     assert costs == [40.0, 40.0, 40.0]  # the seconds (500, 0.5, 2) play no part
     assert Circuit.from_json(runs[1][0]).objective("edges") == (float("inf"), True)
     assert Circuit.from_json(runs[0][0]).objective("edges") == (4.0, False)
+
+
+def _fake_collapse() -> dict:
+    c = Circuit(model="m", model_type="sparse_gpt", task="t", method="learned", target_loss=0.15, n_layer=1,
+                node_sites=["0.mlp.post_act"], total_nodes=32, failed=True, reason="the masks collapsed: at step 3")
+    c.search = {"stopped_at_collapse": True, "collapses": [{"step": 3}]}
+    return c.to_json()
+
+
+@pytest.mark.parametrize("objective", ["nodes", "edges"])
+def test_a_collapsed_run_is_seen_by_carbs_as_the_whole_model_and_is_never_the_best(model_dir, tmp_path, objective):
+    from pruning.graph import NodeIndex, weight_edge_count
+    from sparse_lm.loading import load_model_and_tokenizer
+
+    cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=3", f"objective={objective}"])
+    sweep = Sweep(cfg, str(model_dir), tmp_path)
+    runs = [_fake_circuit(val_loss=0.12, test_loss=0.1, nodes=9, edges=4), _fake_collapse(),
+            _fake_circuit(val_loss=0.30, test_loss=0.1, nodes=3, edges=1)]  # the last misses the target: a failure
+    rows = [sweep._observe(i, sweep.carbs.suggest().suggestion, {"circuit": c, "seconds": 1.0})
+            for i, c in enumerate(runs)]
+    model, _ = load_model_and_tokenizer(str(model_dir))
+    whole = 32.0 if objective == "nodes" else float(weight_edge_count(model, NodeIndex.build(model, cfg.prune.node_sites)))
+    assert whole > 9
+    assert [(r["failed"], r["collapsed"]) for r in rows] == [(False, False), (True, True), (True, False)]
+    assert rows[1]["carbs_output"] == whole and rows[1]["objective"] is None
+    # CARBS: two circuits (9 or 4, and the whole model), one failure; the collapse is never the best
+    assert sorted(o.output for o in sweep.carbs.success_observations) == [9.0 if objective == "nodes" else 4.0, whole]
+    assert len(sweep.carbs.failure_observations) == 1
+    assert sweep.best()["iteration"] == 0
 
 
 def test_pareto_front_keeps_only_unbeaten_points():
@@ -141,7 +172,7 @@ def test_two_in_process_sweeps_on_different_models_do_not_share_inputs(model_dir
     Sweep(cfg, str(model_dir), tmp_path / "a").run(progress=False)
     Sweep(cfg, str(other), tmp_path / "b").run(progress=False)
     state = json.loads((tmp_path / "b" / STATE_FILE).read_text())
-    assert len(state["results"]) == 1 and "nodes" not in (state["results"][0]["reason"] or "")
+    assert len(state["results"]) == 1 and "lack node sites" not in (state["results"][0]["reason"] or "")
 
 
 @pytest.mark.slow  # whole sweeps: the full suite runs it, make test-fast stays under 3 min
@@ -165,6 +196,17 @@ def test_only_the_best_circuit_gets_faithfulness_curves_and_they_equal_a_lone_pr
                                                                     "collapse_retries": 0}),
                   progress=False, model_dir=str(model_dir), fallback_dir=str(out))
     assert alone.num_nodes == written["num_nodes"]
+    # measured on test at the end, as the lone run measures it; the other runs never read test
+    lone = alone.to_json()
+    for key in ("nodes", "edges_by_type", "calibration", "verification"):
+        assert written[key] == lone[key], key
+    assert set(written["metrics"]) == set(lone["metrics"])
+    for key, value in lone["metrics"].items():
+        assert written["metrics"][key] == pytest.approx(value, rel=1e-5), key
+    rows = json.loads((out / STATE_FILE).read_text())["results"]
+    assert [r["test_loss"] is not None for r in rows] == [r["iteration"] == best["iteration"] for r in rows]
+    assert rows[best["iteration"]]["test_loss"] == written["metrics"]["circuit"]["loss"]
+    assert Sweep(cfg, str(model_dir), out).run(progress=False)["iteration"] == best["iteration"]  # a rerun: done
     got = written["faithfulness"]["curve"]
     want = alone.faithfulness["curve"]
     assert [p[0] for p in got] == [p[0] for p in want]
@@ -172,10 +214,10 @@ def test_only_the_best_circuit_gets_faithfulness_curves_and_they_equal_a_lone_pr
 
 
 @pytest.mark.parametrize("stop", [False, True])
-def test_stop_collapsed_reaches_each_run_and_is_off_by_default(model_dir, tmp_path, monkeypatch, stop):
+def test_stop_collapsed_reaches_each_run_and_is_on_by_default(model_dir, tmp_path, monkeypatch, stop):
     import pruning.sweep as sweep_module
 
-    assert SweepConfig().stop_collapsed is False  # CARBS reads failures otherwise than huge circuits (README)
+    assert SweepConfig().stop_collapsed is True  # CARBS sees the stopped run as the whole model
     seen = []
 
     def fake_run_one(prune_cfg, out_dir, stop_collapsed=False):
