@@ -58,11 +58,12 @@ class Plan:
         return STAGE_CONFIGS if self.pipeline == "main" else ("sparse", "bridge", "prune")
 
 
-# Measured on a 2-core CPU (make demo, 2026-12-02): data, sparse, dense, eval as run; prune from its sweeps' runs
-# (~185 s a CARBS suggestion on one core, 16 suggestions on 2 workers, 3 learned circuits, attribution, the control);
+# Measured on a 2-core CPU (make demo, 2026-12-02): data, sparse, dense, eval as run; prune: its two sweeps redone
+# alone with sweep protocol 3 (27.0 and 26.8 min, 2026-12-03; README "sparse-lm sweep") plus the demo's other prune
+# work (4.9 min: attribution, the control);
 # bridge: finetune, 600 steps (42 min on 2 ranks, AMD, 2026-12-02: bridge-tiny-joint's measured runs), then the
 # bridged circuit and the intervention (~10 min as run at 300 steps).
-TINY_MINUTES = {"data": 0.3, "sparse": 51.0, "dense": 14.0, "eval": 8.0, "prune": 80.0, "bridge": 53.0,
+TINY_MINUTES = {"data": 0.3, "sparse": 51.0, "dense": 14.0, "eval": 8.0, "prune": 60.0, "bridge": 53.0,
                 "report": 0.1}
 # long: tiny's stages with 3.75x tiny's sparse steps and 3.75x its dense steps, scaled from the measured
 # step times (0.93 s sparse, 0.50 s dense); its corpus (python-site, ~330 MB) takes longer to prepare.
