@@ -455,6 +455,7 @@ def test_cli_writes_the_circuit_of_a_real_model_folder(tmp_path, small_data):
             assert s["text"][start:end] == s["token"]
 
 
+@pytest.mark.slow  # kept out of make test-fast (under 3 min); the full suite runs it
 def test_dense_gpt2_prunes_through_the_site_adapter(small_data):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -44,6 +44,7 @@ def test_search_space_is_centred_on_the_base_config():
     assert set(centres) == {"k_coef", "lr", "weight_decay", "beta2", "heaviside_temp", "init_noise"}
 
 
+@pytest.mark.slow  # kept out of make test-fast (under 3 min); the full suite runs it
 def test_sweep_resumes_after_a_kill_and_writes_the_best_circuit(model_dir, tmp_path):
     out = tmp_path / "sweep"
     cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=2"])
