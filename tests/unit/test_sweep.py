@@ -132,7 +132,8 @@ def test_a_collapsed_run_is_seen_by_carbs_as_the_whole_model_and_is_never_the_be
     rows = [sweep._observe(i, sweep.carbs.suggest().suggestion, {"circuit": c, "seconds": 1.0})
             for i, c in enumerate(runs)]
     model, _ = load_model_and_tokenizer(str(model_dir))
-    whole = 32.0 if objective == "nodes" else float(weight_edge_count(model, NodeIndex.build(model, cfg.prune.node_sites)))
+    index = NodeIndex.build(model, cfg.prune.node_sites)
+    whole = 32.0 if objective == "nodes" else float(weight_edge_count(model, index))
     assert whole > 9
     assert [(r["failed"], r["collapsed"]) for r in rows] == [(False, False), (True, True), (True, False)]
     assert rows[1]["carbs_output"] == whole and rows[1]["objective"] is None
