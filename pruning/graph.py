@@ -279,16 +279,27 @@ def fold_o_to_v(o: torch.Tensor, o_reads_v: torch.Tensor | None, d_v: int) -> to
     return torch.where(hi.abs() >= lo.abs(), hi, lo)
 
 
+def _weight_matrices(w) -> dict[str, torch.Tensor]:
+    """One layer's matrix (target width, source width) for each type of `WEIGHT_EDGE_TYPES`, in that order."""
+    o = fold_o_to_v(w.o, w.o_reads_v, w.v.shape[0])
+    return dict(zip(WEIGHT_EDGE_TYPES, (w.q, w.k, w.v, o, w.fc, w.proj)))
+
+
+def _ends(prefix: str, edge_type: str) -> tuple[str, str]:
+    """The (source, target) site names of a weight edge type in one layer ("0." + "attn.v", ...)."""
+    src, dst = edge_type.split("->")
+    return prefix + src, prefix + dst
+
+
 def weight_edge_count(model: nn.Module, index: NodeIndex) -> int:
     """``num_edges`` of the whole model (every node open), counted without listing ~millions of edges:
     the nonzero entries of the weight matrices between node sites, as `circuit_edges` types them."""
     n = 0
     for layer in sorted({s.layer for s in index}):
-        w, p = layer_weights(model, layer), f"{layer}."
-        pairs = [("attn.act_in", f"attn.{c}", m) for c, m in (("q", w.q), ("k", w.k), ("v", w.v))]
-        pairs += [("attn.v", "attn.resid_delta", fold_o_to_v(w.o, w.o_reads_v, w.v.shape[0])),
-                  ("mlp.act_in", "mlp.post_act", w.fc), ("mlp.post_act", "mlp.resid_delta", w.proj)]
-        n += sum(int((m != 0).sum()) for src, dst, m in pairs if p + src in index.by_name and p + dst in index.by_name)
+        for kind, m in _weight_matrices(layer_weights(model, layer)).items():
+            src, dst = _ends(f"{layer}.", kind)
+            if src in index.by_name and dst in index.by_name:
+                n += int((m != 0).sum())
     return n
 
 
@@ -306,23 +317,22 @@ def circuit_edges(model: nn.Module, index: NodeIndex, open_mask: torch.Tensor) -
     for layer in layers:
         w = layer_weights(model, layer)
         p = f"{layer}."
+        mats = _weight_matrices(w)
+
+        def weights(*kinds: str) -> list[Edge]:
+            return [e for k in kinds for e in _matrix_edges(index, open_mask, *_ends(p, k), mats[k], k)]
+
         for kind, gain in (("attn.act_in", w.attn_gain), ("mlp.act_in", w.mlp_gain)):
             reader = p + kind
             for writer in writes:
                 ch = torch.arange(gain.shape[0])
                 edges += _pair_edges(index, open_mask, writer, reader, (ch, ch), RESID_LINK, weight=gain)
             if kind == "attn.act_in":
-                for n, m in (("q", w.q), ("k", w.k), ("v", w.v)):
-                    edges += _matrix_edges(index, open_mask, reader, p + f"attn.{n}", m, f"attn.act_in->attn.{n}")
+                edges += weights("attn.act_in->attn.q", "attn.act_in->attn.k", "attn.act_in->attn.v")
                 edges += _pair_edges(index, open_mask, p + "attn.q", p + "attn.k", w.qk_pairs, QK_LINK)
-                o = fold_o_to_v(w.o, w.o_reads_v, w.v.shape[0])
-                edges += _matrix_edges(index, open_mask, p + "attn.v", p + "attn.resid_delta", o,
-                                       "attn.v->attn.resid_delta")
+                edges += weights("attn.v->attn.resid_delta")
                 writes.append(p + "attn.resid_delta")
             else:
-                edges += _matrix_edges(index, open_mask, reader, p + "mlp.post_act", w.fc,
-                                       "mlp.act_in->mlp.post_act")
-                edges += _matrix_edges(index, open_mask, p + "mlp.post_act", p + "mlp.resid_delta", w.proj,
-                                       "mlp.post_act->mlp.resid_delta")
+                edges += weights("mlp.act_in->mlp.post_act", "mlp.post_act->mlp.resid_delta")
                 writes.append(p + "mlp.resid_delta")
     return edges

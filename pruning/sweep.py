@@ -150,8 +150,8 @@ def _run_one(prune_cfg: dict, out_dir: str, stop_collapsed: bool = False) -> dic
                                            fallback_dir=out_dir)
         _WORKER["inputs_key"] = key
     data, means = _WORKER["inputs"]
-    # No faithfulness curves per run (they cost as much as the mask training): the best circuit gets them at the end.
-    # Only the circuit the sweep keeps is measured on test, described and given curves (`_finish_best`).
+    # No test split, curves (as costly as the mask training) or snippets per run: only the circuit the sweep
+    # keeps gets them, at the end (`_finish_best`).
     circuit = prune(_WORKER["model"], _WORKER["tokenizer"], cfg, progress=False, data=data, means=means,
                     model_dir=_WORKER["model_dir"], fallback_dir=out_dir, faithfulness=False,
                     fail_on_collapse=stop_collapsed, measure=False)
