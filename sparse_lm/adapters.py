@@ -1,6 +1,7 @@
 """Named sites for foreign ``transformers`` models: the one place that hooks them.
 
-A dense GPT-2 or Llama-family model gets the same site names as a SparseGPT
+A dense model of any architecture listed in `sparse_lm.arch` (GPT-2, GPT-Neo,
+Llama, Mistral, Qwen2/3, OLMo, Gemma 1-3, Phi-3) gets the same site names as a SparseGPT
 (``3.resid_mid``, ``3.mlp.post_act``...) and the same registry interface
 (``record``, ``replace``, ``hooked``), so pruning, bridges and interventions
 never know which kind of model they hold. Torch hooks are installed when a
@@ -23,6 +24,13 @@ from torch import nn
 
 from sparse_lm.arch import ARCHS
 from sparse_lm.sites import Hook, Site, SiteRegistry
+
+
+def _out_features(module: nn.Module) -> int:
+    """Output width of a Linear, or of GPT-2's Conv1D (weight stored (in, out))."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[1]
+    return module.weight.shape[0]
 
 
 def _first(x):
@@ -62,19 +70,18 @@ class HFSiteRegistry(SiteRegistry):
 
     def _qkv(self, block: nn.Module) -> list[int]:
         mods = [block.get_submodule(p) for p in self.spec.qkv]
-        if len(mods) == 1:  # GPT-2 Conv1D: weight (d_in, 3*d)
-            w = mods[0].weight
-            out = w.shape[1] if type(mods[0]).__name__ == "Conv1D" else w.shape[0]
-            return [out // 3] * 3
-        return [m.out_features for m in mods]
+        if len(mods) == 1:
+            if self.spec.qkv_widths is not None:  # fused with grouped-query widths (Phi-3)
+                return list(self.spec.qkv_widths(self.model.config))
+            return [_out_features(mods[0]) // 3] * 3  # q, k, v stacked in equal thirds
+        return [_out_features(m) for m in mods]
 
     def _d_mlp(self, block: nn.Module) -> int:
         mod, where = self.spec.post_act
         if where == "input":
             return block.get_submodule(mod).in_features
-        mlp = block.get_submodule(self.spec.mlp)
-        fc = getattr(mlp, "c_fc", None)
-        return fc.weight.shape[1] if fc is not None else self.model.config.intermediate_size
+        fc = getattr(block.get_submodule(self.spec.mlp), "c_fc", None)
+        return _out_features(fc) if fc is not None else self.model.config.intermediate_size
 
     # -- hook installation (only while some context is open) ---------------------
     def _apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -87,9 +94,9 @@ class HFSiteRegistry(SiteRegistry):
         for i, block in enumerate(self.blocks):
             h.append(block.register_forward_pre_hook(self._pre_block(i), with_kwargs=True))
             h.append(block.get_submodule(s.norm1).register_forward_hook(self._out(f"{i}.attn.act_in")))
-            h.append(block.get_submodule(s.attn).register_forward_hook(self._attn_out(i)))
+            h.append(block.get_submodule(s.attn_out).register_forward_hook(self._attn_out(i)))
             h.append(block.get_submodule(s.norm2).register_forward_hook(self._out(f"{i}.mlp.act_in")))
-            h.append(block.get_submodule(s.mlp).register_forward_hook(self._out(f"{i}.mlp.resid_delta")))
+            h.append(block.get_submodule(s.mlp_out).register_forward_hook(self._out(f"{i}.mlp.resid_delta")))
             mod, where = s.post_act
             target = block.get_submodule(mod)
             if where == "output":

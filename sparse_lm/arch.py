@@ -10,6 +10,13 @@ an architecture is one record (and a test that builds a tiny one):
   positions only (`pruning.forward`),
 - which config attributes hold the context length and the number of layers.
 
+Listed: SparseGPT, GPT-2, GPT-Neo, and the pre-norm decoders with Llama's module
+names (Llama, Mistral, Qwen2, Qwen3, OLMo, Gemma, Gemma 2, Gemma 3, Phi-3). Not
+listed, and refused with that message: parallel-residual blocks (GPT-NeoX,
+GPT-J, Phi-1/2), where attention and MLP read the same residual and there is no
+``resid_mid`` between them, and blocks that rescale or renormalise the residual
+sum itself (OPT-350m's post-norm, OLMo 2, Granite's multipliers).
+
 SparseGPT (``sparse_gpt``) is listed too: it has its own named sites
 (``native_sites``), but its weights, head, context and depth are read the
 same way as any other model's.
@@ -69,7 +76,16 @@ class Arch:
     head: Head  # the unembedding of the final residual
     context_key: str  # config attribute: the longest sequence the model takes
     layers_key: str  # config attribute: the number of blocks
+    # Modules inside a block whose outputs are added to the residual stream (the ``resid_delta`` sites):
+    # the attention and the MLP themselves, or (Gemma 2 and 3) the norms applied to their outputs.
+    attn_out: str = ""
+    mlp_out: str = ""
     native_sites: bool = False  # the model names its own sites (``model.sites``); no hooks needed
+    # (config) -> widths of q, k, v in a fused qkv module; None: three equal thirds (GPT-2, SparseGPT)
+    qkv_widths: Callable[[object], list[int]] | None = None
+
+
+OPTIONAL_FIELDS = ("native_sites", "qkv_widths")
 
 
 # ---------------------------------------------------------------------------- weight maps
@@ -80,9 +96,11 @@ def _same_dim_pairs(width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, idx
 
 
-def _gain(norm: nn.Module, d: int) -> torch.Tensor:
+def _gain(norm: nn.Module, d: int, offset: float = 0.0) -> torch.Tensor:
+    """A norm's per-channel gain, (d,): its weight (plus `offset`: Gemma's norms scale by 1 + weight), or
+    ones for a norm without a weight (OLMo)."""
     w = getattr(norm, "weight", None)
-    return w.detach().float().cpu() if w is not None else torch.ones(d)
+    return w.detach().float().cpu() + offset if w is not None else torch.ones(d)
 
 
 def _w(module: nn.Module) -> torch.Tensor:
@@ -108,24 +126,96 @@ def _gpt2_layer(model: nn.Module, i: int) -> LayerWeights:
                         qk_pairs=_same_dim_pairs(d))
 
 
-def _llama_layer(model: nn.Module, i: int) -> LayerWeights:
+def _gpt_neo_layer(model: nn.Module, i: int) -> LayerWeights:
+    block = model.transformer.h[i]
+    att, d = block.attn.attention, model.config.hidden_size
+    return LayerWeights(q=_w(att.q_proj), k=_w(att.k_proj), v=_w(att.v_proj), o=_w(att.out_proj),
+                        fc=_w(block.mlp.c_fc), proj=_w(block.mlp.c_proj), attn_gain=_gain(block.ln_1, d),
+                        mlp_gain=_gain(block.ln_2, d), qk_pairs=_same_dim_pairs(d))
+
+
+@dataclass(frozen=True)
+class _Decoder:
+    """How a pre-norm decoder with Llama's module names stores a layer (``model.model.layers[i]``)."""
+
+    fused_qkv: bool = False  # Phi-3: one qkv_proj, q then k then v rows
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj, gate rows then up rows
+    gain_offset: float = 0.0  # Gemma: norms scale by 1 + weight
+    post_norms: bool = False  # Gemma 2/3: a norm on the attention and MLP outputs before the residual add
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _decoder_qkv_widths(cfg) -> list[int]:
+    """Widths of q, k and v in a fused qkv projection (grouped-query attention: k and v are narrower)."""
+    d_head = _head_dim(cfg)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return [cfg.num_attention_heads * d_head, kv_heads * d_head, kv_heads * d_head]
+
+
+def _rotary_dim(cfg, d_head: int) -> int:
+    """How many dimensions of a head the rotary embedding turns (a partial rotary factor leaves the rest)."""
+    params = getattr(cfg, "rope_parameters", None)
+    factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    if factor is None:
+        factor = getattr(cfg, "partial_rotary_factor", None) or 1.0
+    return int(d_head * factor)
+
+
+def _decoder_layer(model: nn.Module, i: int, style: _Decoder) -> LayerWeights:
     block = model.model.layers[i]
     cfg = model.config
     att, mlp = block.self_attn, block.mlp
-    q, k = _w(att.q_proj), _w(att.k_proj)
-    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d = cfg.hidden_size
+    if style.fused_qkv:
+        q, k, v = _w(att.qkv_proj).split(_decoder_qkv_widths(cfg), dim=0)
+    else:
+        q, k, v = _w(att.q_proj), _w(att.k_proj), _w(att.v_proj)
+    if style.fused_gate_up:
+        gate, up = _w(mlp.gate_up_proj).chunk(2, dim=0)
+    else:
+        gate, up = _w(mlp.gate_proj), _w(mlp.up_proj)
+    o, proj = _w(att.o_proj), _w(mlp.down_proj)
+    mlp_norm = block.post_attention_layernorm
+    if style.post_norms:
+        # The residual gets norm(o y): output channel c is o's row c times the norm's gain c (and one RMS
+        # per position, which no weight entry carries); the MLP reads its own pre-norm.
+        o = o * _gain(block.post_attention_layernorm, d, style.gain_offset)[:, None]
+        proj = proj * _gain(block.post_feedforward_layernorm, d, style.gain_offset)[:, None]
+        mlp_norm = block.pre_feedforward_layernorm
+    d_head = _head_dim(cfg)
     group = q.shape[0] // k.shape[0]  # query heads per key head (grouped-query attention)
     j = torch.arange(q.shape[0])
     head, dim = j // d_head, j % d_head
     k_same = (head // group) * d_head + dim  # also the v channel query channel j's head output reads
-    # Rotary embedding mixes dimension e with e +- d_head/2 of the same head.
-    k_rot = (head // group) * d_head + (dim + d_head // 2) % d_head
-    gate, up = _w(mlp.gate_proj), _w(mlp.up_proj)
-    fc = torch.where(up != 0, up, gate)
-    d = cfg.hidden_size
-    return LayerWeights(q=q, k=k, v=_w(att.v_proj), o=_w(att.o_proj), fc=fc, proj=_w(mlp.down_proj),
-                        attn_gain=_gain(block.input_layernorm, d), mlp_gain=_gain(block.post_attention_layernorm, d),
-                        qk_pairs=(torch.cat([j, j]), torch.cat([k_same, k_rot])), o_reads_v=k_same)
+    # Rotary embedding mixes dimension e with e +- r/2 of the same head (r: the rotary dimensions; the
+    # others pass through, paired only with themselves).
+    r = _rotary_dim(cfg, d_head)
+    turned = dim < r
+    k_rot = (head // group) * d_head + torch.where(turned, (dim + r // 2) % max(r, 1), dim)
+    q_ch = torch.cat([j, j[turned]])
+    k_ch = torch.cat([k_same, k_rot[turned]])
+    return LayerWeights(q=q, k=k, v=v, o=o, fc=torch.where(up != 0, up, gate), proj=proj,
+                        attn_gain=_gain(block.input_layernorm, d, style.gain_offset),
+                        mlp_gain=_gain(mlp_norm, d, style.gain_offset), qk_pairs=(q_ch, k_ch), o_reads_v=k_same)
+
+
+def _llama_layer(model: nn.Module, i: int) -> LayerWeights:
+    return _decoder_layer(model, i, _Decoder())
+
+
+def _gemma_layer(model: nn.Module, i: int) -> LayerWeights:
+    return _decoder_layer(model, i, _Decoder(gain_offset=1.0))
+
+
+def _gemma2_layer(model: nn.Module, i: int) -> LayerWeights:
+    return _decoder_layer(model, i, _Decoder(gain_offset=1.0, post_norms=True))
+
+
+def _phi3_layer(model: nn.Module, i: int) -> LayerWeights:
+    return _decoder_layer(model, i, _Decoder(fused_qkv=True, fused_gate_up=True))
 
 
 # ---------------------------------------------------------------------------- fast heads
@@ -142,8 +232,10 @@ def _head_gpt2(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> tor
     return model.lm_head(model.transformer.ln_f(x))
 
 
-def _head_llama(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(model.model.norm(x))
+def _head_decoder(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
+    logits = model.lm_head(model.model.norm(x))
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 (and 3, when set)
+    return logits if not cap else torch.tanh(logits / cap) * cap
 
 
 # ---------------------------------------------------------------------------- the records
@@ -152,24 +244,42 @@ def _head_llama(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> to
 SPARSE_GPT = Arch(model_type="sparse_gpt", blocks="transformer.h", final_norm="transformer.ln_f", norm1="ln_1",
                   attn="attn", norm2="ln_2", mlp="mlp", post_act=("mlp.act", "output"), qkv=("attn.c_attn",),
                   weights=_sparse_gpt_layer, head=_head_sparse_gpt, context_key="block_size", layers_key="n_layer",
-                  native_sites=True)
+                  attn_out="attn", mlp_out="mlp", native_sites=True)
 GPT2 = Arch(model_type="gpt2", blocks="transformer.h", final_norm="transformer.ln_f", norm1="ln_1", attn="attn",
             norm2="ln_2", mlp="mlp", post_act=("mlp.act", "output"), qkv=("attn.c_attn",), weights=_gpt2_layer,
-            head=_head_gpt2, context_key="n_positions", layers_key="n_layer")
+            head=_head_gpt2, context_key="n_positions", layers_key="n_layer", attn_out="attn", mlp_out="mlp")
+# GPT-Neo (and the TinyStories models, which are GPT-Neo): GPT-2's layout with Linear q/k/v inside attn.attention.
+GPT_NEO = Arch(model_type="gpt_neo", blocks="transformer.h", final_norm="transformer.ln_f", norm1="ln_1", attn="attn",
+               norm2="ln_2", mlp="mlp", post_act=("mlp.act", "output"),
+               qkv=("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"), weights=_gpt_neo_layer,
+               head=_head_gpt2, context_key="max_position_embeddings", layers_key="num_layers", attn_out="attn",
+               mlp_out="mlp")
 LLAMA = Arch(model_type="llama", blocks="model.layers", final_norm="model.norm", norm1="input_layernorm",
              attn="self_attn", norm2="post_attention_layernorm", mlp="mlp", post_act=("mlp.down_proj", "input"),
              qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), weights=_llama_layer,
-             head=_head_llama, context_key="max_position_embeddings", layers_key="num_hidden_layers")
+             head=_head_decoder, context_key="max_position_embeddings", layers_key="num_hidden_layers",
+             attn_out="self_attn", mlp_out="mlp")
 # Same module layout as Llama (Qwen3 adds per-head q/k norms after the projections: the q/k sites and the
-# rotary pairing are unchanged).
+# rotary pairing are unchanged; OLMo's norms have no weight: gains of 1).
 MISTRAL = replace(LLAMA, model_type="mistral")
 QWEN2 = replace(LLAMA, model_type="qwen2")
 QWEN3 = replace(LLAMA, model_type="qwen3")
+OLMO = replace(LLAMA, model_type="olmo")
+# Gemma: Llama's layout, norms scaling by 1 + weight, embeddings scaled by sqrt(d) before block 0 (resid_in sees them).
+GEMMA = replace(LLAMA, model_type="gemma", weights=_gemma_layer)
+# Gemma 2 and 3: a norm on the attention output and one on the MLP output before each residual add (those
+# outputs are the resid_delta sites), the MLP reading its own pre-norm; Gemma 2 soft-caps the logits.
+GEMMA2 = replace(GEMMA, model_type="gemma2", norm2="pre_feedforward_layernorm", attn_out="post_attention_layernorm",
+                 mlp_out="post_feedforward_layernorm", weights=_gemma2_layer)
+GEMMA3 = replace(GEMMA2, model_type="gemma3_text")
+# Phi-3: one fused qkv projection (grouped-query widths) and one fused gate/up projection.
+PHI3 = replace(LLAMA, model_type="phi3", qkv=("self_attn.qkv_proj",), weights=_phi3_layer, qkv_widths=_decoder_qkv_widths)
 # A tracr-compiled transformer (`pruning.groundtruth.torch_model`) copies SparseGPT's module layout and site
 # names (identity norms without a gain: gains of 1), so SparseGPT's weight map and head read it unchanged.
 TRACR = replace(SPARSE_GPT, model_type="tracr")
 
-ARCHS: dict[str, Arch] = {a.model_type: a for a in (SPARSE_GPT, GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, TRACR)}
+ARCHS: dict[str, Arch] = {a.model_type: a for a in (SPARSE_GPT, GPT2, GPT_NEO, LLAMA, MISTRAL, QWEN2, QWEN3, OLMO, GEMMA,
+                                                    GEMMA2, GEMMA3, PHI3, TRACR)}
 
 
 def arch_of(model: nn.Module) -> Arch:
@@ -198,4 +308,4 @@ def layer_weights(model: nn.Module, layer: int) -> LayerWeights:
 
 def missing_fields(arch: Arch) -> list[str]:
     """Fields of a record left empty (a test keeps every record complete)."""
-    return [f.name for f in fields(arch) if f.type != "bool" and getattr(arch, f.name) in (None, "", ())]
+    return [f.name for f in fields(arch) if f.name not in OPTIONAL_FIELDS and getattr(arch, f.name) in (None, "", ())]

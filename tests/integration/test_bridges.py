@@ -216,6 +216,34 @@ def test_llama_dense_model_works_through_the_adapter():
     assert sites_of(dense).active_torch_hooks() == 0
 
 
+@pytest.mark.slow  # ~5 s each on a shared machine; the site sums of every architecture are unit-tested (test_adapters)
+@pytest.mark.parametrize("model_type", ["gpt_neo", "olmo", "gemma", "gemma2", "gemma3_text", "phi3"])
+def test_every_other_dense_architecture_bridges(model_type):
+    """A bridge trains against a dense model of each further listed architecture (one gradient step lowers
+    its loss) and its s->d hybrid runs through the adapter."""
+    from tiny_models import tiny_model
+
+    dense = tiny_model(model_type, vocab=VOCAB + 8, context=256)
+    pair = BridgedPair(sparse_model(), dense, BridgeSection(sites_per_step=3))
+    assert pair.n_vocab == VOCAB and [p.dense for p in pair.pairs][-1] == "final_resid"
+    x = ids()
+    pair.train()
+    opt = torch.optim.Adam(pair.bridges.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the same sites each step
+        loss = pair(x, labels=x).loss
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in pair.bridges.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    assert pair.hybrid_logits(x, "s2d", 1).shape == (2, 12, VOCAB + 8)
+    assert sites_of(dense).active_torch_hooks() == 0
+
+
 # ---------------------------------------------------------------------------- tokenizers
 
 

@@ -1,12 +1,16 @@
-"""The site adapter for transformers models (GPT-2 and Llama families)."""
+"""The site adapter for transformers models (every hooked architecture of `sparse_lm.arch`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import LAYERS, VOCAB, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from sparse_lm.adapters import residual_sites, sites_of
+from sparse_lm.arch import ARCHS
+
+HOOKED = sorted(name for name, a in ARCHS.items() if not a.native_sites)
 
 
 def gpt2():
@@ -85,3 +89,62 @@ def test_unsupported_architecture_is_refused():
 
     with pytest.raises(ValueError, match="no site adapter for model_type 'odd'"):
         sites_of(Odd())
+
+
+@pytest.mark.parametrize("model_type", HOOKED)
+def test_sites_add_up_to_the_residual_stream(model_type):
+    """What each block adds is its two resid_delta sites: resid_mid = resid_in + attn.resid_delta, the next
+    resid_in (final_resid after the last block) = resid_mid + mlp.resid_delta; act_in sites are the norms'
+    outputs; every site has the width the registry says. (A hook on the wrong module, say the attention
+    itself where Gemma 2 adds a normalised output, breaks the sums.)"""
+    from sparse_lm.arch import arch_of
+
+    m = tiny_model(model_type)
+    sites = sites_of(m)
+    arch = arch_of(m)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), sites.record(sites.names()) as acts:
+        m(input_ids=ids)
+    for name in sites.names():
+        assert acts[name].shape[:2] == (2, 7) and acts[name].shape[-1] == sites.width(name), name
+    blocks = m.get_submodule(arch.blocks)
+    for i in range(LAYERS):
+        nxt = f"{i + 1}.resid_in" if i + 1 < LAYERS else "final_resid"
+        torch.testing.assert_close(acts[f"{i}.resid_mid"], acts[f"{i}.resid_in"] + acts[f"{i}.attn.resid_delta"])
+        torch.testing.assert_close(acts[nxt], acts[f"{i}.resid_mid"] + acts[f"{i}.mlp.resid_delta"])
+        norm1, norm2 = blocks[i].get_submodule(arch.norm1), blocks[i].get_submodule(arch.norm2)
+        torch.testing.assert_close(acts[f"{i}.attn.act_in"], norm1(acts[f"{i}.resid_in"]))
+        torch.testing.assert_close(acts[f"{i}.mlp.act_in"], norm2(acts[f"{i}.resid_mid"]))
+    assert sites.active_torch_hooks() == 0
+
+
+@pytest.mark.parametrize("model_type", HOOKED)
+def test_every_site_can_be_written_and_identity_changes_nothing(model_type):
+    m = tiny_model(model_type)
+    sites = sites_of(m)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = m(input_ids=ids).logits
+        for name in sites.names():
+            with sites.replace({name: lambda h: h}):
+                torch.testing.assert_close(m(input_ids=ids).logits, base)
+            with sites.replace({name: lambda h: 0.5 * h - 0.3}):  # not a constant shift: keys ignore one
+                assert not torch.allclose(m(input_ids=ids).logits, base), name
+    assert sites.active_torch_hooks() == 0
+
+
+@pytest.mark.parametrize("model_type", HOOKED)
+def test_a_resid_mid_write_is_what_the_mlp_reads(model_type):
+    """Writing r' at resid_mid makes the MLP read norm2(r') and the block's output r' + MLP(r') (bridges)."""
+    from sparse_lm.arch import arch_of
+
+    m = tiny_model(model_type)
+    sites = sites_of(m)
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    target = torch.randn(1, 5, sites.width("0.resid_mid"), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), sites.replace({"0.resid_mid": lambda h: target}), \
+            sites.record(["0.mlp.act_in", "0.mlp.resid_delta", "1.resid_in"]) as acts:
+        m(input_ids=ids)
+    norm2 = m.get_submodule(arch_of(m).blocks)[0].get_submodule(arch_of(m).norm2)
+    torch.testing.assert_close(acts["0.mlp.act_in"], norm2(target))
+    torch.testing.assert_close(acts["1.resid_in"], target + acts["0.mlp.resid_delta"])

@@ -6,53 +6,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from tiny_models import CONTEXT, LAYERS, VOCAB, tiny_model
+from transformers import GPT2Config
 
 from sparse_lm.adapters import sites_of
 from sparse_lm.arch import ARCHS, arch_of, context_length, layer_weights, missing_fields, n_layers
-from sparse_lm.model import SparseGPT, SparseGPTConfig
 
 torch.set_num_threads(1)
-
-VOCAB, LAYERS, CONTEXT = 40, 2, 24
-_LLAMA_KW = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=LAYERS,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT)
-
-
-def _tiny(model_type: str) -> torch.nn.Module:
-    """A tiny random model of `model_type`, built from a config (nothing downloaded)."""
-    torch.manual_seed(0)
-    if model_type == "sparse_gpt":
-        cfg = SparseGPTConfig(vocab_size=VOCAB, block_size=CONTEXT, n_layer=LAYERS, n_head=2, d_head=8, d_model=16,
-                              d_mlp=32, afrac=None, enable_bigram_table=True)
-        model = SparseGPT(cfg)
-        with torch.no_grad():
-            model.bigram_table.normal_()  # the fast head must add it too
-        return model.eval()
-    if model_type == "tracr":  # a compiled model's layout with random weights (no tracr needed)
-        from pruning.groundtruth.torch_model import TracrConfig, TracrTransformer
-
-        return TracrTransformer(TracrConfig(vocab_size=VOCAB, block_size=CONTEXT, n_layer=LAYERS, n_head=2, d_head=8,
-                                            d_model=16, d_mlp=32, n_classes=VOCAB)).eval()
-    if model_type == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=16, n_layer=LAYERS,
-                                          n_head=2)).eval()
-    made = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-            "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
-    config_cls, model_cls = made[model_type]
-    extra = {"head_dim": 4} if model_type == "qwen3" else {}
-    return model_cls(config_cls(**_LLAMA_KW, **extra)).eval()
+_tiny = tiny_model
 
 
 def test_every_record_is_complete():
@@ -117,3 +78,62 @@ def test_weight_map_reads_the_real_matrices():
     # channel 0 (key head 0), and its rotary partner 2
     q_ch, k_ch = w.qk_pairs
     assert sorted(k_ch[q_ch == 4].tolist()) == [0, 2]
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_weight_map_gains_are_what_the_norms_multiply(model_type):
+    """attn_gain and mlp_gain are the per-channel factors the two pre-norms apply: a vector of mean 0 and
+    RMS 1 comes out as gain * x (+ a LayerNorm's bias). Catches Gemma's 1 + weight and a norm read from the
+    wrong module (Gemma 2's MLP reads pre_feedforward_layernorm, not post_attention_layernorm)."""
+    model = _tiny(model_type)
+    arch = arch_of(model)
+    blocks = model.get_submodule(arch.blocks)
+    x = torch.tensor([1.0, -1.0] * 8)  # (16,): mean 0, RMS 1, variance 1
+    for layer in range(LAYERS):
+        w = layer_weights(model, layer)
+        for path, gain in ((arch.norm1, w.attn_gain), (arch.norm2, w.mlp_gain)):
+            norm = blocks[layer].get_submodule(path)
+            with torch.no_grad():
+                y = norm(x)
+            bias = getattr(norm, "bias", None)
+            if bias is not None:
+                y = y - bias
+            torch.testing.assert_close(y * x, gain, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "gemma2", "gemma3_text", "phi3"])
+def test_weight_map_output_matrices_give_what_the_residual_receives(model_type):
+    """o and proj map the attention heads' and the MLP's hidden values onto what the block adds to the
+    residual, up to one scale per position: Gemma 2/3 normalise those outputs (post-norms), so their gains
+    belong to o's and proj's rows."""
+    model = _tiny(model_type)
+    block = model.model.layers[0]
+    w = layer_weights(model, 0)
+    gen = torch.Generator().manual_seed(0)
+    y, z = torch.randn(3, w.o.shape[1], generator=gen), torch.randn(3, w.proj.shape[1], generator=gen)
+    with torch.no_grad():
+        added_attn, added_mlp = block.self_attn.o_proj(y), block.mlp.down_proj(z)
+        if hasattr(block, "post_feedforward_layernorm"):
+            added_attn = block.post_attention_layernorm(added_attn)
+            added_mlp = block.post_feedforward_layernorm(added_mlp)
+    for added, mapped in ((added_attn, y @ w.o.T), (added_mlp, z @ w.proj.T)):
+        cos = torch.nn.functional.cosine_similarity(added, mapped, dim=1)
+        torch.testing.assert_close(cos, torch.ones(3), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projections_split_as_the_model_splits_them():
+    """Phi-3's qkv_proj (grouped-query widths) and gate_up_proj (gate rows, then up rows)."""
+    phi = _tiny("phi3")
+    att, mlp = phi.model.layers[1].self_attn, phi.model.layers[1].mlp
+    w = layer_weights(phi, 1)
+    assert w.q.shape == (16, 16) and w.k.shape == (8, 16) == w.v.shape  # 4 query heads, 2 key heads of 4 dims
+    torch.testing.assert_close(w.k, att.qkv_proj.weight[16:24])
+    torch.testing.assert_close(w.v, att.qkv_proj.weight[24:32])
+    up = mlp.gate_up_proj.weight[24:]
+    torch.testing.assert_close(w.fc, torch.where(up != 0, up, mlp.gate_up_proj.weight[:24]))
+    # half of each head is turned by the rotary embedding (dims 0-1 pair with each other), the rest is not
+    q_ch, k_ch = w.qk_pairs
+    assert sorted(k_ch[q_ch == 4].tolist()) == [0, 1]  # query head 1 dim 0 reads key head 0 dims 0 and 1
+    assert sorted(k_ch[q_ch == 6].tolist()) == [2]  # dim 2 is not turned: only itself
+    sites = sites_of(phi)
+    assert [sites.width(f"0.attn.{n}") for n in "qkv"] == [16, 8, 8]

@@ -16,6 +16,7 @@ from pruning.graph import (
     circuit_edges,
     count_edges,
 )
+from sparse_lm.arch import ARCHS
 from sparse_lm.model import SparseGPT, SparseGPTConfig
 
 Q, K, V = "attn.act_in->attn.q", "attn.act_in->attn.k", "attn.act_in->attn.v"
@@ -186,3 +187,17 @@ def test_whole_model_edge_count_without_listing_equals_the_listed_count():
     for kinds in (DEFAULT_NODE_KINDS, ["attn.v", "attn.resid_delta", "mlp.post_act"]):
         index = NodeIndex.build(llama, kinds)
         assert weight_edge_count(llama, index) == count_edges(circuit_edges(llama, index, _all_open(index))).weights
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_every_architecture_lists_its_whole_model_edges_and_counts_them_alike(model_type):
+    """Every architecture record's weight map feeds the edge listing (types, grouped-query columns, rotary
+    pairs) and the count without listing the same way."""
+    from tiny_models import tiny_model
+
+    from pruning.graph import weight_edge_count
+
+    model = tiny_model(model_type)
+    index = NodeIndex.build(model, DEFAULT_NODE_KINDS)
+    counts = count_edges(circuit_edges(model, index, _all_open(index)))
+    assert counts.weights > 0 and weight_edge_count(model, index) == counts.weights

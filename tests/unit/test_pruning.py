@@ -481,6 +481,28 @@ def test_dense_gpt2_prunes_through_the_site_adapter(small_data):
     assert sites_of(model).active_torch_hooks() == 0
 
 
+@pytest.mark.slow  # ~10 s each; the site adapter of every architecture is unit-tested (test_adapters, test_arch)
+@pytest.mark.parametrize("model_type", ["gpt_neo", "gemma2", "phi3"])
+def test_other_dense_architectures_prune_through_the_site_adapter(small_data, model_type):
+    """GPT-Neo (GPT-2's layout with Linear q/k/v), Gemma 2 (norms on the attention and MLP outputs) and
+    Phi-3 (fused qkv with grouped-query widths, fused gate/up): masks, bisection, edges and the fast head."""
+    from tiny_models import LAYERS, tiny_model
+
+    from sparse_lm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(small_data / "tokenizer")
+    model = tiny_model(model_type, vocab=len(tok), context=1024)
+    cfg = PruneConfig(relative_margin=0.02, steps=10, n_train=64, n_val=32, n_test=32, mean_blocks=4, snippets=1,
+                      device="cpu", min_accuracy=0.0, faithfulness_points=2)
+    circuit = prune(model, tok, cfg, progress=False)
+    assert not circuit.failed, circuit.reason
+    assert circuit.model_type == model_type
+    assert circuit.total_nodes == sum(sites_of(model).width(n) for n in NodeIndex.build(model, cfg.node_sites).names)
+    assert circuit.total_nodes > LAYERS * 16 * 5 and circuit.verification["keeps_target_val"]
+    assert fast_head_ok(model.eval(), load_task_data(tok, PruneConfig(n_train=8, n_val=8, n_test=8)).val)
+    assert sites_of(model).active_torch_hooks() == 0
+
+
 def test_config_presets_overrides_and_targets(tmp_path):
     from sparse_lm.config import ConfigError, list_presets
 
