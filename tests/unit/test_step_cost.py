@@ -60,3 +60,17 @@ def test_cpu_sink_attention_is_causal_and_sinks():
     with torch.no_grad():
         att.sink_logit.fill_(50.0)  # all attention on the sink, whose value is zero
     assert att._attend_with_sink(q, k, v, 1 / math.sqrt(8)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_training_sink_attention_runs_on_the_flash_kernel(precision):
+    """The reason for the CPU training path: with the sink as a key seen through `is_causal`, SDPA can take
+    its flash kernel (no mask; q, k and v of one width). Allowed only that kernel, it must not refuse."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    att = _attention()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        y, grads = _run(att, att._attend_with_sink, precision)
+        with pytest.raises(RuntimeError, match="No available kernel"):  # the masked path cannot (math only)
+            _run(att, att._attend_with_sink_sdpa, precision)
+    assert torch.isfinite(y.float()).all() and grads[-1].abs().max() > 1e-3
