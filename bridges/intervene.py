@@ -15,7 +15,11 @@ model (``circuit.json``) and the circuit's task:
    means at the last prompt position. With ``select_by="effect"`` (default)
    each channel is then moved alone, inside the sparse model, from its family's
    mean to the other's, and the channel that raises the sparse model's own
-   P(other family's completion) most picks the site; with ``"separation"`` the
+   P(other family's completion) most picks the site; with ``"dense"`` each
+   channel's move is carried through the decoder into the dense model instead,
+   and the channel that raises the dense model's P(other) most on the selection
+   prompts picks it (the score the experiment measures, on other prompts: a
+   channel the sparse model reads need not be one the bridge carries); with ``"separation"`` the
    channel whose family means differ most does (in raw units, so it favours
    the sites where the residual is largest, and on the default run's bridged
    model it picked a channel whose move changed the sparse model's answer by
@@ -63,6 +67,7 @@ from sparse_lm.sites import SiteRegistry
 
 RESIDUAL_KINDS = ("attn.act_in", "attn.resid_delta", "mlp.act_in", "mlp.resid_delta", "resid_in", "resid_mid")
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
+SELECT_BY = ("effect", "dense", "separation")
 CHUNK_TOKENS = 8192  # padded tokens per forward pass
 
 
@@ -258,8 +263,8 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
     """
     from sparse_lm.arch import context_length, n_layers
 
-    if select_by not in ("effect", "separation"):
-        raise ValueError(f"select_by must be 'effect' or 'separation', got {select_by!r}")
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
     if 0.0 not in alphas:
         alphas = [0.0, *alphas]
     alphas = sorted(float(a) for a in alphas)
@@ -311,7 +316,24 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
             own_effect[key] = _by_family(moved - sel_base, sel_batch.family.cpu())[0]
         return own_effect[key]
 
-    scored = sorted(cands, key=effect if select_by == "effect" else separation, reverse=True)
+    sel_base_dense = p_other(pair.dense, pair.dense_sites, sel_batch) if select_by == "dense" else None
+    dense_effects: dict[tuple[str, int], float] = {}
+
+    def dense_effect(c: Candidate) -> float:
+        """ΔP(other) of the dense model, on the selection prompts, with this channel moved alone in the sparse
+        residual and carried through the decoder (what the experiment measures, on other prompts)."""
+        key = (c.bridge_site, c.channel)
+        if key not in dense_effects:
+            m, j = means[c.bridge_site], sparse_index[c.bridge_site]
+            change = torch.zeros(len(sel_toward), width)
+            change[:, c.channel] = sel_toward[:, 0] * (m[1, c.channel] - m[0, c.channel])
+            W_c = pair.bridges.decoders[j].weight.detach().float().cpu()  # (d_dense, d_sparse)
+            moved = p_other(pair.dense, pair.dense_sites, sel_batch, pair.pairs[j].dense, change @ W_c.T)
+            dense_effects[key] = _by_family(moved - sel_base_dense, sel_batch.family.cpu())[0]
+        return dense_effects[key]
+
+    score = {"effect": effect, "separation": separation, "dense": dense_effect}[select_by]
+    scored = sorted(cands, key=score, reverse=True)
     best = scored[0]
     site = best.bridge_site
     i = sparse_index[site]
@@ -412,7 +434,8 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
         "select_by": select_by,
         "candidates": [{"bridge_site": c.bridge_site, "channel": c.channel, "node_sites": list(c.node_sites),
                         "separation": separation(c),
-                        **({"sparse_effect": effect(c)} if select_by == "effect" else {})}
+                        **({"sparse_effect": effect(c)} if select_by == "effect" else {}),
+                        **({"dense_effect": dense_effect(c)} if select_by == "dense" else {})}
                        for c in scored[:20]],
         "dense_residual_norm": resid_norm,
         "single": single,

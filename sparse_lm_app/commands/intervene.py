@@ -21,10 +21,11 @@ def add_intervene_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=int, default=8,
                    help="circuit channels at the chosen site moved together (the best by --select-by; fewer when "
                         "the circuit has fewer there)")
-    p.add_argument("--select-by", default="effect", choices=["effect", "separation"],
+    p.add_argument("--select-by", default="effect", choices=["effect", "dense", "separation"],
                    help="how the site and channels are chosen on the --select-split prompts: effect = each circuit "
                         "channel moved alone inside the sparse model, by how much it raises the sparse model's "
-                        "P(other family's completion); separation = by how far its two family means lie apart")
+                        "P(other family's completion); dense = the same move carried through the decoder, by how "
+                        "much it raises the dense model's; separation = by how far its two family means lie apart")
     p.add_argument("--controls", type=int, default=8, help="random-channel control draws")
     p.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="task split of the prompts the change of P is measured on")

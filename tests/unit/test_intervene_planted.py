@@ -164,3 +164,30 @@ def test_the_channel_is_chosen_by_what_it_does_to_the_sparse_model_not_by_how_fa
     assert abs(by_separation["single"]["sparse"]["delta_p"][1]) < 0.05
     effects = {c["channel"]: c["sparse_effect"] for c in by_effect["candidates"] if c["bridge_site"] == "final_resid"}
     assert effects[C] > 0.3 > abs(effects[WEAK[0]])
+
+
+def test_selection_by_the_dense_effect_moves_the_channel_the_bridge_carries(planted):
+    """The dense model reads another channel than the sparse one: its head reads WEAK[0] (which carries the
+    same family signal as C in both models), not C. Selection by the sparse model's own ΔP moves C, which
+    changes nothing in the dense model; selection by the dense ΔP on the train prompts (through the decoder)
+    moves WEAK[0] and the dense answer follows, measured on test."""
+    pair, tok, targets = planted
+    other = copy.deepcopy(pair)
+    with torch.no_grad():
+        for model in (other.sparse, other.dense):
+            wte = model.transformer.wte.weight
+            wte[:, WEAK[0]] = torch.where(wte[:, C] != 0, wte[:, C], wte[:, WEAK[0]])  # +-2: the same families
+        head = other.dense.lm_head.weight
+        head[targets[0], C], head[targets[1], C] = 0.0, 0.0
+        head[targets[0], WEAK[0]], head[targets[1], WEAK[0]] = 1.5, -1.5
+    circuit = _circuit(other.sparse)
+    kw = dict(alphas=[0.0, 1.0], n_channels=1, n_controls=4, n_examples=48)
+    by_sparse = intervene(other, tok, TASK, circuit, **kw)
+    assert by_sparse["single"]["channel"]["channels"] == [C]
+    assert by_sparse["single"]["sparse"]["delta_p"][1] > 0.3 and abs(by_sparse["single"]["dense"]["delta_p"][1]) < 1e-6
+    by_dense = intervene(other, tok, TASK, circuit, select_by="dense", **kw)
+    single = by_dense["single"]
+    assert by_dense["select_by"] == "dense" and single["channel"]["channels"] == [WEAK[0]]
+    assert single["dense"]["delta_p"][1] > 0.3 and single["sign_ok"] and single["effect_sd"] > 3
+    effects = {c["channel"]: c["dense_effect"] for c in by_dense["candidates"] if c["bridge_site"] == "final_resid"}
+    assert effects[WEAK[0]] > 0.3 > abs(effects[C])
