@@ -249,7 +249,8 @@ def _effect(delta_p: Sequence[float], control_mean: Sequence[float], control_sd:
 
 def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] = DEFAULT_ALPHAS, n_channels: int = 8,
               n_controls: int = 8, split: str = "test", select_split: str = "train", n_examples: int = 256,
-              seed: int = 0, check_model: bool = True, eval_task=None, select_by: str = "effect") -> dict:
+              seed: int = 0, check_model: bool = True, eval_task=None, select_by: str = "effect",
+              dense_single: bool = False) -> dict:
     """Run the sweep (see the module docstring); returns the JSON-able result.
 
     ``eval_task`` (default `task`) gives the ``split`` prompts ΔP is measured on, e.g. the same
@@ -259,7 +260,9 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
     ΔP is measured on ``split`` prompts (no selection on the evaluation data unless the two are
     equal, which the result records). ``result["single"]`` moves the best channel (the paper's
     picture), ``result["multi"]`` up to ``n_channels`` circuit channels at the same site; the
-    top-level ``channel``/``dense``/``sparse``/``control``/``effect_sd``/``sign_ok`` repeat ``multi``.
+    top-level ``channel``/``dense``/``sparse``/``control``/``effect_sd``/``sign_ok`` repeat ``multi``. With
+    ``dense_single`` (and another ``select_by``), ``result["single_dense"]`` also moves the one circuit channel
+    whose edit, carried through the decoder, raises the dense model's P(other) most on the selection prompts.
     """
     from sparse_lm.arch import context_length, n_layers
 
@@ -316,7 +319,8 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
             own_effect[key] = _by_family(moved - sel_base, sel_batch.family.cpu())[0]
         return own_effect[key]
 
-    sel_base_dense = p_other(pair.dense, pair.dense_sites, sel_batch) if select_by == "dense" else None
+    scores_dense = select_by == "dense" or dense_single
+    sel_base_dense = p_other(pair.dense, pair.dense_sites, sel_batch) if scores_dense else None
     dense_effects: dict[tuple[str, int], float] = {}
 
     def dense_effect(c: Candidate) -> float:
@@ -334,13 +338,8 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
 
     score = {"effect": effect, "separation": separation, "dense": dense_effect}[select_by]
     scored = sorted(cands, key=score, reverse=True)
-    best = scored[0]
-    site = best.bridge_site
-    i = sparse_index[site]
-    dense_site = pair.pairs[i].dense
-    diff = (means[site][1] - means[site][0]).float()  # (d_sparse,) selection mean on family 1 minus on family 0
+    site = scored[0].bridge_site
     toward = (1 - 2 * family).float()[:, None]  # (B, 1): +1 moves family 0 toward 1, -1 moves family 1 toward 0
-    W = pair.bridges.decoders[i].weight.detach().float().cpu()  # (d_dense, d_sparse)
 
     dense, dsites = pair.dense, pair.dense_sites
     sparse, ssites = pair.sparse, pair.sites
@@ -357,6 +356,11 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
     head = alphas.index(1.0) if 1.0 in alphas else len(alphas) - 1  # the alpha of the headline numbers
 
     def experiment(chosen: list[Candidate]) -> dict:
+        site = chosen[0].bridge_site  # every chosen channel is at one site
+        i = sparse_index[site]
+        dense_site = pair.pairs[i].dense
+        diff = (means[site][1] - means[site][0]).float()  # (d_sparse,) selection mean on family 1 minus family 0
+        W = pair.bridges.decoders[i].weight.detach().float().cpu()  # (d_dense, d_sparse)
         channels = torch.tensor([c.channel for c in chosen])
         sparse_change = torch.zeros(len(family), width)
         sparse_change[:, channels] = toward * diff[channels]  # (B, d_sparse): m_other - m_this on the chosen channels
@@ -401,8 +405,13 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
     multi_chosen = [c for c in scored if c.bridge_site == site][:n_channels]
     single = experiment(multi_chosen[:1])
     multi = experiment(multi_chosen)
+    extra: dict[str, dict] = {}
+    if dense_single and select_by != "dense":
+        # Also the one channel whose edit the bridge carries best (scored on the selection prompts, like the rest).
+        extra["single_dense"] = experiment([max(cands, key=dense_effect)])
 
     # Size of the change, against the dense residual itself at that site and position.
+    dense_site = multi["channel"]["dense_site"]
     with torch.no_grad(), dsites.record([dense_site]) as acts:
         dense(input_ids=batch.input_ids)
     resid_norm = float(_last(acts[dense_site], batch.lengths).float().norm(dim=1).mean())
@@ -412,7 +421,7 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
                   "task_accuracy": float(_by_family((base_dense < 0.5).float(), family)[0])}
     sparse_base = {"p_other_baseline": base_s_mean, "p_other_baseline_by_family": base_s_fam,
                    "task_accuracy": float(_by_family((base_sparse < 0.5).float(), family)[0])}
-    for part in (single, multi):
+    for part in (single, multi, *extra.values()):
         part["dense"] = {**dense_base, **part["dense"]}
         part["sparse"] = {**sparse_base, **part["sparse"]}
     return {
@@ -435,11 +444,12 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
         "candidates": [{"bridge_site": c.bridge_site, "channel": c.channel, "node_sites": list(c.node_sites),
                         "separation": separation(c),
                         **({"sparse_effect": effect(c)} if select_by == "effect" else {}),
-                        **({"dense_effect": dense_effect(c)} if select_by == "dense" else {})}
+                        **({"dense_effect": dense_effect(c)} if scores_dense else {})}
                        for c in scored[:20]],
         "dense_residual_norm": resid_norm,
         "single": single,
         "multi": multi,
+        **extra,
         # The multi-channel result at the top level too (what readers of older files expect).
         **{k: multi[k] for k in ("channel", "dense_change_norm_at_alpha_1", "dense", "sparse", "control",
                                  "effect_sd", "sign_ok")},
@@ -455,7 +465,7 @@ def plot_intervention(result: dict, out_png: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     a = result["alphas"]
-    parts = [(k, result[k]) for k in ("single", "multi") if k in result] or [("multi", result)]
+    parts = [(k, result[k]) for k in ("single", "single_dense", "multi") if k in result] or [("multi", result)]
     fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.5), sharey=True, squeeze=False)
     for ax, (name, r) in zip(axes[0], parts):
         ch = r["channel"]
@@ -509,7 +519,7 @@ def format_result(r: dict) -> str:
                 else ""),
              f"   task accuracy: dense {r['dense']['task_accuracy']:.3f}, sparse {r['sparse']['task_accuracy']:.3f}; "
              f"|dense residual| {r['dense_residual_norm']:.3g}"]
-    for name in ("single", "multi"):
+    for name in ("single", "single_dense", "multi"):
         if name in r:
             lines += _format_part(name, r[name], r["alphas"])
     return "\n".join(lines)

@@ -444,7 +444,7 @@ def run_intervention(p: Pipeline, bridge_dir: Path, circuit: dict | None = None)
         with precision_context(precision, "cpu", pair.dense):  # the dense model's linear layers only
             r = intervene(pair, tokenizer, get_task(task), read_circuit(circuit["circuit_dir"]), select_split="train",
                           split="test", n_examples=p.plan.intervention_examples,
-                          n_controls=p.plan.intervention_controls, **extra)
+                          n_controls=p.plan.intervention_controls, dense_single=True, **extra)
     except ValueError as e:  # e.g. a circuit without residual channels
         print(f"-- intervention skipped: {e}", flush=True)
         return {"circuit": circuit, "summary": f"Intervention skipped: {e}."}
@@ -455,7 +455,7 @@ def run_intervention(p: Pipeline, bridge_dir: Path, circuit: dict | None = None)
     print(format_result(r), flush=True)
     return {"circuit": circuit, "summary": intervention_summary(r, task), "intervention_png": str(png),
             "intervention_json": str(out / "intervention.json"), "alphas": r["alphas"],
-            "interventions": {name: _intervention_part(r[name]) for name in ("single", "multi")},
+            "interventions": {name: _intervention_part(r[name]) for name in INTERVENTION_PARTS if name in r},
             "select_split": r["select_split"], "eval_split": r["split"],
             **({"dense_precision": precision} if precision != "fp32" else {})}
 
@@ -621,6 +621,15 @@ def stage_bridged_intervention(p: Pipeline) -> dict:
     return run_intervention(p, Path(p.results["bridge"]["bridge_dir"]), circuit=p.results["circuit"])
 
 
+# The moves the intervention reports: the paper's picture (the channel the sparse model's own answer follows most),
+# the channel whose edit the bridge carries best into the dense model, both chosen on train prompts, and the
+# circuit's best channels at the first one's site.
+INTERVENTION_PARTS = {"single": "The paper's single channel",
+                      "single_dense": "The single channel the bridge carries best (chosen by the dense model's "
+                                      "change on train prompts)",
+                      "multi": "The circuit's best channels"}
+
+
 def _intervention_part(part: dict) -> dict:
     return {"channels": part["channel"]["channels"], "site": part["channel"]["bridge_site"],
             "dense_site": part["channel"]["dense_site"], "effect": part["dense"]["delta_p"],
@@ -633,7 +642,9 @@ def intervention_summary(r: dict, task: str) -> str:
     k = r["alphas"].index(max(r["alphas"]))
     text = (f"Intervention on {task}: site, channels and family means chosen on {r['select_split']} prompts, the "
             f"effect measured on {r['examples']} {r['split']} prompts. ")
-    for name, label in (("single", "The paper's single channel"), ("multi", "The circuit's best channels")):
+    for name, label in INTERVENTION_PARTS.items():
+        if name not in r:
+            continue
         part = r[name]
         ch = part["channel"]
         text += (f"{label} ({ch['channels']} at {ch['bridge_site']}, carried into the dense residual at "

@@ -188,7 +188,7 @@ def test_the_smollm2_plan_end_to_end_on_a_tiny_gguf(tiny_dense_gguf, tmp_path):
     inter = json.loads((run / "intervention" / "intervention.json").read_text())
     assert inter["select_split"] == "train" and inter["split"] == "test" and not inter["selected_on_evaluation_data"]
     assert inter["alphas"] == [0.0, 0.5, 1.0, 2.0] and inter["dense_precision"] == "bf16"
-    for part in ("single", "multi"):
+    for part in ("single", "single_dense", "multi"):
         assert len(inter[part]["control"]["per_draw"]) == 6 and inter[part]["dense"]["delta_p"][0] == 0.0
     assert inter["single"]["channel"]["channels"] == inter["multi"]["channel"]["channels"][:1]
 
@@ -209,7 +209,7 @@ def test_the_smollm2_plan_end_to_end_on_a_tiny_gguf(tiny_dense_gguf, tmp_path):
     assert results["models"]["sparse"]["pretrained"]["tasks"]["single_double_quote"]["loss"] == pre_q["loss"]
     assert [c["bridged"] for c in results["circuits"]] == [True]
     kinds = {i["kind"]: i for i in results["interventions"]}
-    assert set(kinds) == {"single", "multi"} and kinds["single"]["channels"] == 1
+    assert set(kinds) == {"single", "single_dense", "multi"} and kinds["single"]["channels"] == 1
     for i in kinds.values():
         assert i["selection_split"] == "train" and i["eval_split"] == "test" and i["dense_precision"] == "bf16"
         assert len(i["effect"]) == len(i["control_mean"]) == len(i["control_sd"]) == 4

@@ -182,9 +182,12 @@ def test_selection_by_the_dense_effect_moves_the_channel_the_bridge_carries(plan
         head[targets[0], WEAK[0]], head[targets[1], WEAK[0]] = 1.5, -1.5
     circuit = _circuit(other.sparse)
     kw = dict(alphas=[0.0, 1.0], n_channels=1, n_controls=4, n_examples=48)
-    by_sparse = intervene(other, tok, TASK, circuit, **kw)
+    by_sparse = intervene(other, tok, TASK, circuit, dense_single=True, **kw)
     assert by_sparse["single"]["channel"]["channels"] == [C]
     assert by_sparse["single"]["sparse"]["delta_p"][1] > 0.3 and abs(by_sparse["single"]["dense"]["delta_p"][1]) < 1e-6
+    # reported beside it (the main job's way): the channel the bridge carries
+    assert by_sparse["single_dense"]["channel"]["channels"] == [WEAK[0]]
+    assert by_sparse["single_dense"]["dense"]["delta_p"][1] > 0.3
     by_dense = intervene(other, tok, TASK, circuit, select_by="dense", **kw)
     single = by_dense["single"]
     assert by_dense["select_by"] == "dense" and single["channel"]["channels"] == [WEAK[0]]
