@@ -457,8 +457,8 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
 
 
 def plot_intervention(result: dict, out_png: str | Path) -> Path:
-    """Two panels: the single best channel (the paper's picture) and the multi-channel move, each with its
-    random-channel control."""
+    """One panel per move: the single best channel (the paper's picture), the single channel the bridge carries
+    best (when reported) and the multi-channel move, each with its random-channel control."""
     import matplotlib
 
     matplotlib.use("Agg")
