@@ -415,6 +415,15 @@ def prune_bridged_quote_circuit(p: Pipeline, bridge_dir: Path, task: str) -> dic
             "own": own["sparse"], "model_dir": str(model_dir)}
 
 
+# The moves the intervention reports: the paper's picture (the channel the sparse model's own answer follows most),
+# the channel whose edit the bridge carries best into the dense model, both chosen on train prompts, and the
+# circuit's best channels at the first one's site.
+INTERVENTION_PARTS = {"single": "The paper's single channel",
+                      "single_dense": "The single channel the bridge carries best (chosen by the dense model's "
+                                      "change on train prompts)",
+                      "multi": "The circuit's best channels"}
+
+
 def run_intervention(p: Pipeline, bridge_dir: Path, circuit: dict | None = None) -> dict:
     """The quote intervention through the bridge in `bridge_dir`, with `circuit` (a circuit row: failed, reason,
     circuit_dir) or, when None, the quote circuit pruned here from the sparse model as bridged."""
@@ -619,15 +628,6 @@ def stage_bridged_circuit(p: Pipeline) -> dict:
 def stage_bridged_intervention(p: Pipeline) -> dict:
     """The quote intervention through the bridge with the circuit of the `circuit` stage."""
     return run_intervention(p, Path(p.results["bridge"]["bridge_dir"]), circuit=p.results["circuit"])
-
-
-# The moves the intervention reports: the paper's picture (the channel the sparse model's own answer follows most),
-# the channel whose edit the bridge carries best into the dense model, both chosen on train prompts, and the
-# circuit's best channels at the first one's site.
-INTERVENTION_PARTS = {"single": "The paper's single channel",
-                      "single_dense": "The single channel the bridge carries best (chosen by the dense model's "
-                                      "change on train prompts)",
-                      "multi": "The circuit's best channels"}
 
 
 def _intervention_part(part: dict) -> dict:
