@@ -53,6 +53,7 @@ Writes ``intervention.json`` and ``intervention.png``.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from contextlib import contextmanager
@@ -305,36 +306,39 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
         return abs(float(m[1, c.channel] - m[0, c.channel]))
 
     sel_toward = (1 - 2 * sel_batch.family.cpu()).float()[:, None]  # (B_sel, 1), as `toward` below
+    sel_family = sel_batch.family.cpu()
     sel_base = p_other(pair.sparse, pair.sites, sel_batch) if select_by == "effect" else None
-    own_effect: dict[tuple[str, int], float] = {}
+    scores_dense = select_by == "dense" or dense_single
+    sel_base_dense = p_other(pair.dense, pair.dense_sites, sel_batch) if scores_dense else None
+
+    def moved_alone(site: str, channel: int) -> torch.Tensor:
+        """(B_sel, d_sparse): the channel moved from each selection prompt's family mean to the other's."""
+        m = means[site]
+        change = torch.zeros(len(sel_toward), width)
+        change[:, channel] = sel_toward[:, 0] * (m[1, channel] - m[0, channel])
+        return change
+
+    @functools.cache  # per (site, channel): several circuit nodes can share one residual channel
+    def sparse_effect_at(site: str, channel: int) -> float:
+        moved = p_other(pair.sparse, pair.sites, sel_batch, site, moved_alone(site, channel))
+        return _by_family(moved - sel_base, sel_family)[0]
+
+    @functools.cache
+    def dense_effect_at(site: str, channel: int) -> float:
+        j = sparse_index[site]
+        W_c = pair.bridges.decoders[j].weight.detach().float().cpu()  # (d_dense, d_sparse)
+        change = moved_alone(site, channel) @ W_c.T  # (B_sel, d_dense); linear, so the decoder bias cancels
+        moved = p_other(pair.dense, pair.dense_sites, sel_batch, pair.pairs[j].dense, change)
+        return _by_family(moved - sel_base_dense, sel_family)[0]
 
     def effect(c: Candidate) -> float:
         """ΔP(other) of the sparse model itself, on the selection prompts, with this channel moved alone."""
-        key = (c.bridge_site, c.channel)
-        if key not in own_effect:
-            m = means[c.bridge_site]
-            change = torch.zeros(len(sel_toward), width)
-            change[:, c.channel] = sel_toward[:, 0] * (m[1, c.channel] - m[0, c.channel])
-            moved = p_other(pair.sparse, pair.sites, sel_batch, c.bridge_site, change)
-            own_effect[key] = _by_family(moved - sel_base, sel_batch.family.cpu())[0]
-        return own_effect[key]
-
-    scores_dense = select_by == "dense" or dense_single
-    sel_base_dense = p_other(pair.dense, pair.dense_sites, sel_batch) if scores_dense else None
-    dense_effects: dict[tuple[str, int], float] = {}
+        return sparse_effect_at(c.bridge_site, c.channel)
 
     def dense_effect(c: Candidate) -> float:
         """ΔP(other) of the dense model, on the selection prompts, with this channel moved alone in the sparse
         residual and carried through the decoder (what the experiment measures, on other prompts)."""
-        key = (c.bridge_site, c.channel)
-        if key not in dense_effects:
-            m, j = means[c.bridge_site], sparse_index[c.bridge_site]
-            change = torch.zeros(len(sel_toward), width)
-            change[:, c.channel] = sel_toward[:, 0] * (m[1, c.channel] - m[0, c.channel])
-            W_c = pair.bridges.decoders[j].weight.detach().float().cpu()  # (d_dense, d_sparse)
-            moved = p_other(pair.dense, pair.dense_sites, sel_batch, pair.pairs[j].dense, change @ W_c.T)
-            dense_effects[key] = _by_family(moved - sel_base_dense, sel_batch.family.cpu())[0]
-        return dense_effects[key]
+        return dense_effect_at(c.bridge_site, c.channel)
 
     score = {"effect": effect, "separation": separation, "dense": dense_effect}[select_by]
     scored = sorted(cands, key=score, reverse=True)

@@ -524,8 +524,8 @@ def prune(
     ``requires_grad`` and its train/eval mode are restored afterwards. ``faithfulness=False`` skips the
     faithfulness curves (as long as the mask training on the main job's model). ``fail_on_collapse=True``
     (a sweep) ends the search as failed when the masks collapse after the last retry, instead of ordering
-    and bisecting nodes the masks never told
-    apart (such a search ends near the whole model and costs more than a good one); its ``search`` then has
+    and bisecting nodes the masks never told apart (such a search ends near the whole model and costs
+    more than a good one); its ``search`` then has
     ``stopped_at_collapse``. ``measure=False`` (a sweep's runs) stops once the circuit is chosen and its nodes
     and edges listed: no test split, no calibration, no per-family means or snippets; `finish_circuit` adds
     them later, for the one circuit a sweep keeps, as this call would have.

@@ -8,7 +8,7 @@ from tiny_models import LAYERS, VOCAB, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from sparse_lm.adapters import residual_sites, sites_of
-from sparse_lm.arch import ARCHS
+from sparse_lm.arch import ARCHS, arch_of
 
 HOOKED = sorted(name for name, a in ARCHS.items() if not a.native_sites)
 
@@ -97,8 +97,6 @@ def test_sites_add_up_to_the_residual_stream(model_type):
     resid_in (final_resid after the last block) = resid_mid + mlp.resid_delta; act_in sites are the norms'
     outputs; every site has the width the registry says. (A hook on the wrong module, say the attention
     itself where Gemma 2 adds a normalised output, breaks the sums.)"""
-    from sparse_lm.arch import arch_of
-
     m = tiny_model(model_type)
     sites = sites_of(m)
     arch = arch_of(m)
@@ -136,8 +134,6 @@ def test_every_site_can_be_written_and_identity_changes_nothing(model_type):
 @pytest.mark.parametrize("model_type", HOOKED)
 def test_a_resid_mid_write_is_what_the_mlp_reads(model_type):
     """Writing r' at resid_mid makes the MLP read norm2(r') and the block's output r' + MLP(r') (bridges)."""
-    from sparse_lm.arch import arch_of
-
     m = tiny_model(model_type)
     sites = sites_of(m)
     ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
