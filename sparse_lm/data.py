@@ -352,7 +352,7 @@ def prepare(cfg, run_dir: Path, rank: int):
                   f"{corpus.skipped} skipped (not UTF-8)", flush=True)
             if need_tok:
                 t0 = time.perf_counter()
-                train_tokenizer(corpus, vocab_size=d.vocab_size, out_dir=tok_dir)
+                train_tokenizer(corpus, vocab_size=d.vocab_size, pretokenizer=d.pretokenizer, out_dir=tok_dir)
                 print(f"tokenizer: BPE {d.vocab_size} trained in {time.perf_counter() - t0:.1f}s -> {tok_dir}",
                       flush=True)
             if need_data:

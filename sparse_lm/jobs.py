@@ -42,6 +42,9 @@ class DataSection:
     split: str = field("train", "split of a datasets source")
     max_documents: int | None = field(None, "keep only the first N documents (quick runs)")
     vocab_size: int = field(2048, "BPE vocabulary size")
+    pretokenizer: Literal["tinypython", "gpt2"] = field(
+        "tinypython", "split before BPE: 'tinypython' (the paper's tokenizer: punctuation keeps its newline, "
+                      "`]\\n`, `.add`) or 'gpt2' (byte-level BPE's own)")
     block_size: int = field(256, "tokens per training sequence")
     val_fraction: float = field(0.02, "share of files held out for validation")
     tokenizer: str | None = field(None, "existing tokenizer folder to use instead of training one")

@@ -59,6 +59,8 @@ class ResolvedTask:
     dropped_by_family: tuple[int, int]
     checked: int
     """How many examples were checked (kept + dropped)."""
+    prompt_shift: int = 0
+    """Characters the prompts were moved from where the generator ended them (`Task.boundary_shifts`)."""
 
     @property
     def dropped(self) -> int:
@@ -95,7 +97,8 @@ def resolve_task(
     *,
     max_drop_fraction: float = 0.5,
 ) -> ResolvedTask:
-    """Bind `task` to `tokenizer`: choose the first completion pair that keeps the contract.
+    """Bind `task` to `tokenizer`: choose the first completion pair that keeps the contract, trying
+    the task's pairs in order and then the pair its written code starts with (`_written_pair`).
 
     `examples` default to ``DEFAULT_CHECK_EXAMPLES`` validation examples. Raises
     `TaskTokenizationError` naming the task, the completions, their tokens and the
@@ -109,11 +112,60 @@ def resolve_task(
         if resolved is not None:
             return resolved
         failures.append(failure)
+    for shift in (0, *task.boundary_shifts):
+        rows = [cut for ex in examples if (cut := _shift_end(ex, shift)) is not None]
+        written = _written_pair(tokenizer, rows)
+        if written is None or (shift == 0 and written in task.completion_options):
+            continue
+        resolved, failure = _try_pair(task, tokenizer, rows, written, max_drop_fraction)
+        if resolved is not None:
+            return replace(resolved, prompt_shift=shift)
+        failures.append(f"{failure} (the pair as written" + (f", prompts ending {shift:+d} characters)" if shift else ")"))
     header = f"task {task.name!r} cannot be resolved for tokenizer {tokenizer_label(tokenizer)}"
     if len(failures) == 1:
         raise TaskTokenizationError(f"{header}: {failures[0]}")
     tried = "\n".join(f"  - {f}" for f in failures)
     raise TaskTokenizationError(f"{header}; every completion pair failed:\n{tried}")
+
+
+def _shift_end(ex: Example, shift: int) -> Example | None:
+    """`ex` with its prompt ending `shift` characters later (earlier when negative), the characters moved
+    between prompt and continuation; None when the written continuation is too short for it."""
+    if shift == 0:
+        return ex
+    if shift < 0:
+        if len(ex.prompt) <= -shift:
+            return None
+        return replace(ex, prompt=ex.prompt[:shift], continuation=ex.prompt[shift:] + ex.continuation)
+    if len(ex.continuation) <= shift:
+        return None
+    return replace(ex, prompt=ex.prompt + ex.continuation[:shift], continuation=ex.continuation[shift:])
+
+
+def _written_pair(tokenizer: PreTrainedTokenizerBase, examples: list[Example]) -> tuple[str, str] | None:
+    """The pair the written code itself starts with: for each family, the text of the most common
+    first token after the prompt in ``tokenize(prompt + continuation)``, when that text begins the
+    continuation. Tokenizers whose pre-tokenizer joins punctuation to the newline after it
+    (the paper's ``]\\n``) or a name to the dot before it (``.add``) need it: the nominal ``]`` or
+    ``.`` is then never the real next token."""
+    written = [ex for ex in examples if ex.continuation]
+    if not written:
+        return None
+    prompts = encode_plain(tokenizer, [ex.prompt for ex in written])
+    full = encode_plain(tokenizer, [ex.prompt + ex.continuation for ex in written])
+    firsts: list[Counter] = [Counter(), Counter()]
+    for ex, p, f in zip(written, prompts, full):
+        if len(f) > len(p) and f[: len(p)] == p:
+            firsts[ex.family][f[len(p)]] += 1
+    pair = []
+    for family, counts in enumerate(firsts):
+        if not counts:
+            return None
+        text = tokenizer.decode([counts.most_common(1)[0][0]])
+        if not text or not any(ex.continuation.startswith(text) for ex in written if ex.family == family):
+            return None
+        pair.append(text)
+    return (pair[0], pair[1]) if pair[0] != pair[1] else None
 
 
 def next_token(prompt_ids: list[int], extended_ids: list[int]) -> int | None:

@@ -34,7 +34,8 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """Task loss and accuracy of `model` on `n` examples of `split`.
 
-    Returns ``{"task", "loss", "accuracy", "auc", "examples", "dropped"}``: examples is
+    Returns ``{"task", "tokens", "loss", "accuracy", "auc", "examples", "dropped"}``: tokens are the two
+    compared tokens as this tokenizer spells them (family 0, family 1), examples is
     the number scored, dropped the number that broke the tokenization contract. ``auc`` is `separation_auc`:
     whether the model tells the families apart at all, which accuracy hides when a bias always picks one
     completion (accuracy 0.5, auc well above 0.5).
@@ -68,6 +69,7 @@ def evaluate_task(
     family = torch.cat(families)
     return {
         "task": task.name,
+        "tokens": resolved.token_strings,
         "loss": _family_average(torch.cat(losses), family),
         "accuracy": _family_average(torch.cat(corrects), family),
         "auc": separation_auc(torch.cat(margin_list), family),
@@ -150,7 +152,8 @@ def describe_tasks(
         if tokenizer is not None:
             try:
                 resolved = resolve_task(task, tokenizer, task.examples(split, n))
-                row.update(tokens=resolved.token_strings, dropped=f"{resolved.dropped}/{resolved.checked}")
+                row.update(completions=resolved.completions, tokens=resolved.token_strings,
+                           dropped=f"{resolved.dropped}/{resolved.checked}")
             except TaskTokenizationError as err:
                 row.update(tokens=f"ERROR: {str(err).splitlines()[0]}", dropped="-")
         row["description"] = task.description

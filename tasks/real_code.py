@@ -31,6 +31,10 @@ longer than that is skipped. The target is the closing quote (family 0:
 other quote, and the continuation the real text after it to the end of its
 line, so the tokenization contract (`tasks.contract`) drops a literal whose
 closing quote a byte-level BPE merges with what follows (``')``, ``',``).
+For a tokenizer whose synthetic quote task resolves to the quote and its
+newline (the paper's tokenizer writes ``'\n`` as one token), the target is
+``'\n`` or ``"\n`` and only literals that end their line are used
+(`code_quote_pair`), so real code asks the synthetic task's question.
 
 Splits are by file: a file belongs to train, val or test by a hash of its
 path relative to the root (the same 80/10/10 shares as prompt-hash splits),
@@ -72,6 +76,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CODE_TASK_NAME",
     "QUOTES",
+    "LINE_END_QUOTES",
+    "code_quote_pair",
     "CodeLiteral",
     "CodeQuoteTask",
     "CodeSample",
@@ -86,6 +92,24 @@ __all__ = [
 ]
 
 QUOTES = ("'", '"')
+# The closing quotes as a tokenizer that joins punctuation to the newline after it writes them at a line's end
+# (the paper's tokenizer: `'\n` is one token, so a bare `'` is never the next token there).
+LINE_END_QUOTES = ("'\n", '"\n')
+
+
+def code_quote_pair(tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, str]:
+    """The completions scored for `tokenizer`: the pair `single_double_quote` resolves to, `QUOTES` or
+    `LINE_END_QUOTES`, so that real literals ask the synthetic task's question (`QUOTES` without one)."""
+    if tokenizer is None:
+        return QUOTES
+    from tasks.contract import TaskTokenizationError, resolve_task
+    from tasks.registry import get_task
+
+    try:
+        pair = resolve_task(get_task("single_double_quote"), tokenizer).completions
+    except TaskTokenizationError:
+        return QUOTES
+    return LINE_END_QUOTES if pair == LINE_END_QUOTES else QUOTES
 """Family 0 closes with ``'``, family 1 with ``"`` (the order of `single_double_quote`)."""
 CODE_TASK_NAME = "single_double_quote@code"
 # Folders that hold no source worth reading (caches, VCS data); skipped while walking.
@@ -256,6 +280,7 @@ def read_literals(path: Path, *, context_chars: int = MAX_PROMPT_CHARS, prefixes
 def _candidates(
     files: list[Path], root: Path, split: Split, rng: random.Random, stats: CodeSampleStats, *,
     context_chars: int, prefixes: str, max_per_file: int, tokenizer: PreTrainedTokenizerBase | None,
+    pair: tuple[str, str] = QUOTES,
 ) -> Iterator[tuple[CodeLiteral, str]]:
     """Literals of the split's files in a seeded order: (literal, file) with at most `max_per_file` per family a file."""
     in_split = [f for f in files if file_split(f.relative_to(root).as_posix()) == split]
@@ -274,7 +299,7 @@ def _candidates(
         if tokenizer is not None and literals:
             # Most closing quotes in real code merge with what follows (`')`, `',`): sample among the
             # literals likely to survive the contract, or a file's few draws would mostly be dropped later.
-            passed = _line_precheck(literals, tokenizer)
+            passed = _line_precheck(literals, tokenizer, pair)
             for lit, ok in zip(literals, passed):
                 stats.precheck_dropped_by_family[lit.family] += not ok
             literals = [lit for lit, ok in zip(literals, passed) if ok]
@@ -284,7 +309,7 @@ def _candidates(
                 yield lit, str(path)
 
 
-def _line_precheck(literals: list[CodeLiteral], tokenizer: PreTrainedTokenizerBase) -> list[bool]:
+def _line_precheck(literals: list[CodeLiteral], tokenizer: PreTrainedTokenizerBase, pair: tuple[str, str]) -> list[bool]:
     """Whether each literal passes the contract's conditions on its own line (a cheap filter, not the contract).
 
     BPE merges are local, so a closing quote that merges with the text after it
@@ -295,13 +320,14 @@ def _line_precheck(literals: list[CodeLiteral], tokenizer: PreTrainedTokenizerBa
 
     heads = [lit.prompt[lit.prompt.rfind("\n") + 1 :] for lit in literals]
     prompts = encode_plain(tokenizer, heads)
-    with_target = encode_plain(tokenizer, [h + QUOTES[lit.family] for h, lit in zip(heads, literals)])
-    with_other = encode_plain(tokenizer, [h + QUOTES[1 - lit.family] for h, lit in zip(heads, literals)])
+    with_target = encode_plain(tokenizer, [h + pair[lit.family] for h, lit in zip(heads, literals)])
+    with_other = encode_plain(tokenizer, [h + pair[1 - lit.family] for h, lit in zip(heads, literals)])
     written = encode_plain(tokenizer, [h + lit.continuation for h, lit in zip(heads, literals)])
     passed = []
-    for p, t, o, w in zip(prompts, with_target, with_other, written):
+    for lit, p, t, o, w in zip(literals, prompts, with_target, with_other, written):
         target = next_token(p, t)
-        passed.append(target is not None and next_token(p, o) is not None and w[: len(p) + 1] == p + [target])
+        passed.append(lit.continuation.startswith(pair[lit.family]) and target is not None
+                      and next_token(p, o) is not None and w[: len(p) + 1] == p + [target])
     return passed
 
 
@@ -345,14 +371,15 @@ def sample_code_quotes(
 
     def accept(batch: list[Example]) -> None:
         if tokenizer is not None and batch:
-            batch = _keep_contract(batch, tokenizer, max_prompt_tokens, stats)
+            batch = _keep_contract(batch, tokenizer, max_prompt_tokens, stats, pair)
         for ex in batch:
             if not full() and (not balanced or len(found[ex.family]) < wanted[ex.family]):
                 found[ex.family].append(ex)
 
     rng = random.Random(f"{CODE_TASK_NAME}:{split}:{seed}")
+    pair = code_quote_pair(tokenizer)
     draws = _candidates(files, root, split, rng, stats, context_chars=context_chars, prefixes=prefixes,
-                        max_per_file=max_per_file, tokenizer=tokenizer)
+                        max_per_file=max_per_file, tokenizer=tokenizer, pair=pair)
     for lit, _path in draws:
         if full():
             break
@@ -362,7 +389,7 @@ def sample_code_quotes(
             stats.duplicates += 1
             continue
         seen.add(lit.prompt)
-        pending.append(Example(lit.prompt, QUOTES[lit.family], QUOTES[1 - lit.family], lit.family, lit.continuation))
+        pending.append(Example(lit.prompt, pair[lit.family], pair[1 - lit.family], lit.family, lit.continuation))
         # Checking the contract in chunks keeps tokenizer calls few; a chunk is about what is still missing.
         missing = sum(max(w - len(f), 0) for w, f in zip(wanted, found)) if balanced else n - len(found[0]) - len(found[1])
         if tokenizer is None or len(pending) >= max(32, missing):
@@ -378,11 +405,11 @@ def sample_code_quotes(
 
 
 def _keep_contract(batch: list[Example], tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int | None,
-                   stats: CodeSampleStats) -> list[Example]:
-    """The examples of `batch` that keep the tokenization contract (and fit in `max_prompt_tokens`)."""
+                   stats: CodeSampleStats, pair: tuple[str, str]) -> list[Example]:
+    """The examples of `batch` that keep the tokenization contract for `pair` (and fit in `max_prompt_tokens`)."""
     from tasks.contract import encode_plain, resolve_task
 
-    probe = Task(name=CODE_TASK_NAME, description="", completion_options=(QUOTES,), rows=tuple(batch))
+    probe = Task(name=CODE_TASK_NAME, description="", completion_options=(pair,), rows=tuple(batch))
     # Every drop is acceptable here (real code often closes a literal right before `)`); only the kept ones count.
     resolved = resolve_task(probe, tokenizer, batch, max_drop_fraction=1.0)
     for f in (0, 1):
@@ -452,7 +479,8 @@ def code_quote_task(
     return CodeQuoteTask(
         name=name,
         description=f"close a string literal of real code under {root} with the quote that opened it",
-        completion_options=(QUOTES,),
+        # With a tokenizer the examples were drawn for its pair; without, the pair is chosen where they are scored.
+        completion_options=(code_quote_pair(tokenizer),) if tokenizer is not None else (QUOTES, LINE_END_QUOTES),
         rows=(),
         source=str(root),
         code_source=source,

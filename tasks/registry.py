@@ -33,6 +33,7 @@ def register_task(
     description: str,
     completions: tuple[str, str],
     alternatives: tuple[tuple[str, str], ...] = (),
+    boundary_shifts: tuple[int, ...] = (),
     name: str | None = None,
 ) -> Callable[[Generator], Generator]:
     """Decorator: register a generator function as a task named after the function (or `name`).
@@ -41,7 +42,8 @@ def register_task(
     where the continuation is the code that follows the prompt and starts with
     ``completions[family]`` (or returns the prompt alone). `alternatives` are further
     completion pairs tried, in order, for tokenizers that split the written text
-    differently from the nominal pair.
+    differently from the nominal pair; `boundary_shifts` are further prompt ends to try
+    (`Task.boundary_shifts`).
     """
 
     def decorate(generator: Generator) -> Generator:
@@ -52,6 +54,7 @@ def register_task(
                 completion_options=(tuple(completions), *map(tuple, alternatives)),  # type: ignore[arg-type]
                 generator=generator,
                 source=generator.__module__,
+                boundary_shifts=tuple(boundary_shifts),
             )
         )
         return generator

@@ -99,6 +99,11 @@ class Task:
     generator: Generator | None = None
     rows: tuple[Example, ...] | None = None
     source: str = "builtin"
+    boundary_shifts: tuple[int, ...] = ()
+    """Further places to end the prompts, in characters from where the generator ended them (negative:
+    earlier), tried in order when no completion pair works at the written end, each with the pair the
+    written code starts with there (`tasks.contract`). For tokenizers whose pieces cross the written
+    end: the paper's joins ``(`` with the ``self`` after it and ``:`` with the newline after it."""
     """Where the task comes from: "builtin", a module name, or a JSONL path."""
     max_prompt_chars: int | None = MAX_PROMPT_CHARS
     """Generated prompts longer than this are skipped (None: no limit); JSONL rows are never skipped."""

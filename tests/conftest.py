@@ -32,6 +32,17 @@ def small_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def stdlib_tokenizers() -> dict:
+    """BPE 2048 on the whole standard library, by pre-tokenizer ("tinypython", the default, and "gpt2"), trained
+    once per session (the project's own tokenizer; tests must not change them)."""
+    from sparse_lm.corpus import load_corpus
+    from sparse_lm.tokenizer import PRETOKENIZERS, train_tokenizer
+
+    corpus = load_corpus("stdlib")
+    return {name: train_tokenizer(corpus, vocab_size=2048, pretokenizer=name) for name in PRETOKENIZERS}
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), **extra})

@@ -33,13 +33,22 @@ def _corpus(args):
 def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     _add_corpus_args(p)
     p.add_argument("--vocab-size", type=int, default=2048)
+    _add_pretokenizer_arg(p)
     p.add_argument("--out", required=True, help="folder for tokenizer.json (AutoTokenizer-loadable)")
+
+
+def _add_pretokenizer_arg(p: argparse.ArgumentParser) -> None:
+    from sparse_lm.tokenizer import PRETOKENIZERS
+
+    p.add_argument("--pretokenizer", choices=sorted(PRETOKENIZERS), default="tinypython",
+                   help="split before BPE: tinypython (the paper's tokenizer) or gpt2 (when a tokenizer is trained)")
 
 
 def run_tokenizer(args) -> int:
     from sparse_lm.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(_corpus(args), vocab_size=args.vocab_size, out_dir=args.out, show_progress=True)
+    tok = train_tokenizer(_corpus(args), vocab_size=args.vocab_size, pretokenizer=args.pretokenizer, out_dir=args.out,
+                          show_progress=True)
     sample = "def f(x):\n    return x['key']\n"
     print(f"tokenizer: {len(tok)} tokens -> {args.out}")
     print(f"example: {sample!r} -> {tok.convert_ids_to_tokens(tok(sample)['input_ids'])}")
@@ -53,6 +62,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     _add_corpus_args(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one into OUT/tokenizer)")
     p.add_argument("--vocab-size", type=int, default=2048, help="vocabulary when a tokenizer is trained")
+    _add_pretokenizer_arg(p)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
@@ -70,7 +80,7 @@ def run_data(args) -> int:
         tok = load_tokenizer(args.tokenizer)
         tok.save_pretrained(out / "tokenizer")
     else:
-        tok = train_tokenizer(corpus, vocab_size=args.vocab_size, out_dir=out / "tokenizer")
+        tok = train_tokenizer(corpus, vocab_size=args.vocab_size, pretokenizer=args.pretokenizer, out_dir=out / "tokenizer")
     meta = prepare_data(corpus, tok, out, block_size=args.block_size, val_fraction=args.val_fraction,
                         seed=args.seed, num_proc=args.num_proc)
     print(json.dumps(meta, indent=2))

@@ -85,6 +85,7 @@ def _task_entries(rows: list[dict], split: str, examples: bool = True) -> dict[s
     is absent, not NaN, and so is an undefined auc."""
     return {row["task"]: {"accuracy": row["accuracy"], "loss": row["loss"], "split": split,
                           **({"examples": row["examples"]} if examples else {}),
+                          **({"tokens": list(row["tokens"])} if row.get("tokens") else {}),
                           **({"auc": row["auc"]} if _finite(row.get("auc")) else {})}
             for row in rows if _finite(row.get("accuracy")) and _finite(row.get("loss"))}
 

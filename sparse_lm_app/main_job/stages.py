@@ -34,8 +34,8 @@ def stage_data(p: Pipeline) -> dict:
     d = p.configs["sparse"].data  # the corpus, vocabulary and block size the training stages expect
     corpus = _load_corpus(p)
     t0 = time.perf_counter()
-    tok = train_tokenizer(corpus, vocab_size=d.vocab_size, out_dir=p.data_dir / "tokenizer")
-    print(f"tokenizer: byte-level BPE {len(tok)} in {time.perf_counter() - t0:.1f}s", flush=True)
+    tok = train_tokenizer(corpus, vocab_size=d.vocab_size, pretokenizer=d.pretokenizer, out_dir=p.data_dir / "tokenizer")
+    print(f"tokenizer: byte-level BPE {len(tok)} ({d.pretokenizer} split) in {time.perf_counter() - t0:.1f}s", flush=True)
     return _pack_corpus(p, corpus, tok)
 
 

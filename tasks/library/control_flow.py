@@ -139,6 +139,7 @@ def if_ternary(rng: random.Random, family: int) -> Sample:
 @register_task(
     description="after a `for` header the next line is indented deeper (newline + 8 spaces) versus kept (newline + 4)",
     completions=("\n       ", NEWLINE_BODY),
+    boundary_shifts=(1,),  # the paper's tokenizer ends the header line with `:\n`; the indentation follows
 )
 def indent_for(rng: random.Random, family: int) -> Sample:
     # Module-level functions only: the answer is the next line's indentation, which must be the same

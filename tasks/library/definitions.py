@@ -36,6 +36,7 @@ def _method(rng: random.Random, avoid: set[str], decorator: str) -> str:
 @register_task(
     description="the first parameter of a method is self (an __init__ or plain method) versus cls (@classmethod)",
     completions=("self", "cls"),
+    boundary_shifts=(-1,),  # the paper's tokenizer writes `(self` as one token
 )
 def class_init(rng: random.Random, family: int) -> Sample:
     avoid: set[str] = set()
@@ -47,7 +48,8 @@ def class_init(rng: random.Random, family: int) -> Sample:
         text += _method(rng, avoid, pick(rng, ("", "", "@classmethod", "@property", "@staticmethod")))
     if family == 0:
         decorator = pick(rng, ("", "", "", "@property\n    ", "@functools.lru_cache()\n    "))
-        name = "__init__" if rng.random() < 0.6 else func_name(rng, avoid)
+        # `__init__` in under a third: the paper's tokenizer writes `__(` + `self`, not `(self`, so those prompts drop there.
+        name = "__init__" if rng.random() < 0.3 else func_name(rng, avoid)
     else:
         decorator = "@classmethod\n    "
         name = pick(rng, (f"from_{pick(rng, NOUNS)}", "create", f"_{func_name(rng, avoid)}", func_name(rng, avoid)))

@@ -201,6 +201,23 @@ def test_saved_tokenizer_loads_with_autotokenizer(tokenizer_dir: Path, corpus: C
         load_tokenizer(tmp_path)
 
 
+def test_pretokenizer_splits_as_the_papers_tokenizer(corpus: Corpus) -> None:
+    from sparse_lm.tokenizer import PRETOKENIZERS
+
+    paper = train_tokenizer(corpus, VOCAB)  # the default split: the paper's tinypython_2k regex
+    gpt2 = train_tokenizer(corpus, VOCAB, pretokenizer="gpt2")
+    pieces = [p for p, _ in paper.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x = [[a, b]]\n    s.add(y)  \n")]
+    # Punctuation keeps the newlines after it and one mark joins the letters after it (GPT-2's bytes: Ġ space, Ċ newline).
+    assert pieces == ["x", "Ġ=", "Ġ[[", "a", ",", "Ġb", "]]Ċ", "ĠĠĠ", "Ġs", ".add", "(y", ")", "ĠĠĊ"]
+    odd = SNIPPET + "x = 'é'\n\n\t]]\r\n  \n" + "\u00a0\u2028end"
+    for tok in (paper, gpt2):  # still byte-level: any text encodes and decodes exactly
+        assert tok.decode(tok(odd, add_special_tokens=False)["input_ids"]) == odd
+    assert paper.get_vocab() != gpt2.get_vocab()
+    assert set(PRETOKENIZERS) == {"tinypython", "gpt2"}
+    with pytest.raises(ValueError, match="unknown pretokenizer 'bert'"):
+        train_tokenizer(corpus, VOCAB, pretokenizer="bert")
+
+
 def test_tokenizer_refuses_vocab_the_corpus_cannot_fill() -> None:
     tiny = Corpus(documents=[Document("a.py", "x = 1\n")], skipped=0, source="tiny")
     with pytest.raises(ValueError, match="fewer than vocab_size 2048"):

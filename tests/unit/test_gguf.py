@@ -14,10 +14,13 @@ from gguf_writer import write_llama_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(small_data, tmp_path_factory):
-    from sparse_lm.tokenizer import load_tokenizer
+def tiny_gguf(tmp_path_factory):
+    from sparse_lm.corpus import load_corpus
+    from sparse_lm.tokenizer import train_tokenizer
 
-    tok = load_tokenizer(small_data / "tokenizer")
+    # GPT-2's split: a GGUF file names its pre-tokenizer from a fixed list ("default" is GPT-2's), which has
+    # no entry for the paper's split, so only a tokenizer split that way survives the round trip.
+    tok = train_tokenizer(load_corpus("stdlib", max_documents=60), vocab_size=512, pretokenizer="gpt2")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -11,6 +11,7 @@ import pytest
 from test_intervene_planted import planted  # noqa: F401  (the planted bridge fixture)
 
 from tasks import evaluate_task, resolve_task
+from tasks.registry import get_task
 from tasks.real_code import (
     CODE_TASK_NAME,
     code_quote_examples,
@@ -304,3 +305,21 @@ def test_intervention_measures_on_the_eval_task_and_selects_on_the_synthetic_one
                      n_examples=32, split="train", select_split="train")
     assert same["selected_on_evaluation_data"] is True
     assert same["channel"] == r["channel"]  # chosen on the same (synthetic train) prompts either way
+
+
+def test_real_literals_ask_the_synthetic_tasks_question_for_each_split(code_dir: Path, stdlib_tokenizers):
+    # The paper's split writes a line-ending closing quote as `'\n`: the real-code pair follows the synthetic
+    # task's, so only literals that end their line are scored there; GPT-2's split scores the bare quote.
+    from tasks.real_code import LINE_END_QUOTES, QUOTES, code_quote_pair
+
+    split = file_split("pkg/sample.py")
+    for pretokenizer, pair in (("tinypython", LINE_END_QUOTES), ("gpt2", QUOTES)):
+        tok = stdlib_tokenizers[pretokenizer]
+        assert code_quote_pair(tok) == pair == resolve_task(get_task("single_double_quote"), tok).completions
+        sample = sample_code_quotes(code_dir, n=6, split=split, tokenizer=tok)
+        assert sample.examples and all(ex.target == pair[ex.family] for ex in sample.examples)
+        assert all(ex.continuation.startswith(ex.target) for ex in sample.examples)
+        task = code_quote_task(code_dir, tokenizer=tok)
+        assert task.completion_options == (pair,)
+        assert resolve_task(task, tok, sample.examples).dropped == 0
+    assert code_quote_pair(None) == QUOTES
