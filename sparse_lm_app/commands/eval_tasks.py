@@ -71,7 +71,7 @@ def code_rows(model, tokenizer, task, split: str, n: int, seed: int, batch_size:
     rows: list[dict] = []
     per_family: list[dict] = []
     for family, quote in enumerate(task.completions):
-        one = replace(task, family=family, name=f"{task.name}:{quote}")
+        one = replace(task, family=family, name=f"{task.name}:{quote.strip()}")  # `'\n` under the paper's split
         if not one.examples(split, n, seed):
             per_family.append({"task": one.name, "loss": float("nan"), "accuracy": float("nan"), "examples": 0,
                                "dropped": stats.dropped_by_family[family],
@@ -87,7 +87,7 @@ def code_rows(model, tokenizer, task, split: str, n: int, seed: int, batch_size:
             row["dropped"] = stats.dropped_by_family[family] + row["dropped"]
         per_family.append(row)
     scored = [r for r in per_family if not r.get("error")]
-    both = {"task": task.name,
+    both = {"task": task.name, **({"tokens": scored[0]["tokens"]} if scored and "tokens" in scored[0] else {}),
             "loss": sum(r["loss"] for r in scored) / len(scored) if scored else float("nan"),
             "accuracy": sum(r["accuracy"] for r in scored) / len(scored) if scored else float("nan"),
             "examples": sum(r["examples"] for r in per_family),
@@ -105,8 +105,9 @@ def describe_code_sample(stats) -> str:
     lit = stats.literals_by_family
     return (f"real code: {stats.root} ({stats.split} split by file): read {stats.files_read} of its "
             f"{stats.files_in_split} files ({stats.files_total} .py files in all; skipped {stats.skipped_not_utf8} "
-            f"not UTF-8, {stats.skipped_unparsable} unparsable); literals ' {lit[0]}, \" {lit[1]}; the closing quote "
-            f"is not its own token in ' {stats.dropped_by_family[0]}, \" {stats.dropped_by_family[1]} (dropped); "
+            f"not UTF-8, {stats.skipped_unparsable} unparsable); literals ' {lit[0]}, \" {lit[1]}; the compared "
+            f"token (the closing quote, with its newline under the paper's split) is not the next one in "
+            f"' {stats.dropped_by_family[0]}, \" {stats.dropped_by_family[1]} (dropped); "
             f"{stats.too_many_tokens} longer than the model's context, {stats.skipped_line_too_long} on too long a "
             f"line, {stats.duplicates} duplicates; scored ' {stats.examples_by_family[0]}, "
             f"\" {stats.examples_by_family[1]}")
