@@ -8,6 +8,10 @@ export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
+# The venv's tools first: torch builds its C++ ops (ours, DeepSpeed's) with the first `ninja` on PATH, and a
+# system ninja of another version logs other command hashes, so the two would rebuild each other's builds
+# (~25 s for AbsTopK, ~40-80 s for DeepSpeed's shm op, every time the caller changes).
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup chromium smollm2 demo test test-fast bench clean
 
