@@ -326,6 +326,8 @@ def frozen(model: nn.Module) -> Iterator[None]:
 # ---------------------------------------------------------------------------- learned masks
 
 
+# Nats between a model's own task loss and chance (ln 2) below which no collapse is detected.
+COLLAPSE_MIN_GAP = 0.05
 # A retry after a collapse weakens the sparsity pressure by this factor and draws new initial noise and
 # minibatches: both a too-strong k_coef and an unlucky first few Adam steps (which move every tau by about lr,
 # whatever its gradient, so many nodes cross zero together) end in a collapse.
@@ -652,8 +654,10 @@ def _order_nodes(s: _Search) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
 def _learn_masks(s: _Search) -> tuple[torch.Tensor, torch.Tensor]:
     """`train_masks`, again with a weaker k_coef and a new seed after each collapse; (tau, importance)."""
     cfg, progress = s.cfg, s.progress
-    # Collapse: the running task loss stays past 3/4 of the way from the model's own loss to chance.
-    collapse_at = s.full_val["loss"] + 0.75 * max(0.0, math.log(2) - s.full_val["loss"])
+    # Collapse: the running task loss stays past 3/4 of the way from the model's own loss to chance. A model
+    # within COLLAPSE_MIN_GAP of chance (pruned only with min_accuracy 0) has no collapse to tell from noise.
+    gap = math.log(2) - s.full_val["loss"]
+    collapse_at = s.full_val["loss"] + 0.75 * gap if gap >= COLLAPSE_MIN_GAP else None
     k_coef, seed, collapses = cfg.k_coef, cfg.seed, []
     for attempt in range(cfg.collapse_retries + 1):
         last = attempt == cfg.collapse_retries
