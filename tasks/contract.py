@@ -17,6 +17,11 @@ continuation)``: byte-level BPE merges a closing quote with what follows it
 so a completion that passes on a bare prompt can still be the wrong token
 in real code.
 
+When none of a task's pairs keeps the contract, the pair the written code
+itself starts with is tried (a tokenizer that joins a closing bracket to its
+newline, as the paper's does, compares ``]\n``, not ``]``), and then the prompt
+ends the task declares in `Task.boundary_shifts`.
+
 Examples that break the contract are dropped and counted. A task fails with
 `TaskTokenizationError` when no completion pair of the task is single tokens,
 or when more than `max_drop_fraction` of either family would be dropped.
@@ -98,7 +103,8 @@ def resolve_task(
     max_drop_fraction: float = 0.5,
 ) -> ResolvedTask:
     """Bind `task` to `tokenizer`: choose the first completion pair that keeps the contract, trying
-    the task's pairs in order and then the pair its written code starts with (`_written_pair`).
+    the task's pairs in order and then the pair its written code starts with (`_written_pair`), at the
+    written prompt end and then at each of `Task.boundary_shifts` (`ResolvedTask.prompt_shift` says which).
 
     `examples` default to ``DEFAULT_CHECK_EXAMPLES`` validation examples. Raises
     `TaskTokenizationError` naming the task, the completions, their tokens and the
