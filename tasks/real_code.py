@@ -55,7 +55,7 @@ import os
 import random
 import tokenize
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +92,8 @@ __all__ = [
 ]
 
 QUOTES = ("'", '"')
+"""Family 0 closes with ``'``, family 1 with ``"`` (the order of `single_double_quote`)."""
+CODE_TASK_NAME = "single_double_quote@code"
 # The closing quotes as a tokenizer that joins punctuation to the newline after it writes them at a line's end
 # (the paper's tokenizer: `'\n` is one token, so a bare `'` is never the next token there).
 LINE_END_QUOTES = ("'\n", '"\n')
@@ -110,8 +112,8 @@ def code_quote_pair(tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, str
     except TaskTokenizationError:
         return QUOTES
     return LINE_END_QUOTES if pair == LINE_END_QUOTES else QUOTES
-"""Family 0 closes with ``'``, family 1 with ``"`` (the order of `single_double_quote`)."""
-CODE_TASK_NAME = "single_double_quote@code"
+
+
 # Folders that hold no source worth reading (caches, VCS data); skipped while walking.
 _SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".tox", ".mypy_cache", ".pytest_cache", "node_modules"}
 
@@ -412,6 +414,9 @@ def _keep_contract(batch: list[Example], tokenizer: PreTrainedTokenizerBase, max
     probe = Task(name=CODE_TASK_NAME, description="", completion_options=(pair,), rows=tuple(batch))
     # Every drop is acceptable here (real code often closes a literal right before `)`); only the kept ones count.
     resolved = resolve_task(probe, tokenizer, batch, max_drop_fraction=1.0)
+    if resolved.completions != pair:  # none kept `pair`, and another pair (as written) was chosen: drop them all
+        resolved = replace(resolved, examples=[], dropped_by_family=tuple(
+            sum(ex.family == f for ex in batch) for f in (0, 1)))
     for f in (0, 1):
         stats.contract_dropped_by_family[f] += resolved.dropped_by_family[f]
     kept = resolved.examples
