@@ -23,6 +23,9 @@ QUOTE_TASK = "single_double_quote"  # the task of the intervention (the paper's 
 SOLVED_ACCURACY = 0.6
 PAPER_TARGET = 0.15
 PAPER_ROOM = 0.02  # a model needs its own loss this far under 0.15 for a circuit at 0.15 to be worth the search
+# The loss of a prompt's two answers held at even odds. Mean-ablating every node gives every prompt the same margin,
+# so the empty circuit's loss is this or more: a target near it is met by a circuit that carries no task behaviour.
+CHANCE_LOSS = math.log(2)
 
 
 # -- data, training, evaluation --------------------------------------------------------
@@ -100,6 +103,16 @@ def stage_eval(p: Pipeline) -> dict:
 
 
 # -- prune -------------------------------------------------------------------------------
+
+
+def has_room(own_loss: float, margin: float = 0.05) -> bool:
+    """Whether a model's own task loss leaves a target (own loss + margin) at least ``margin`` under chance.
+
+    A model just above chance accuracy can have a loss near ln 2 (bracket_counting at 0.65 accuracy: 0.67
+    nats), and a target of own loss + margin then sits at or above the empty circuit's loss: any handful of
+    nodes that sets the bias meets it, so the "circuit" would say nothing about the task.
+    """
+    return own_loss + 2 * margin <= CHANCE_LOSS
 
 
 def common_target(own: dict[str, dict], margin: float = 0.05) -> tuple[float, str]:
@@ -212,10 +225,13 @@ def prune_task(p: Pipeline, loaded: dict, task: str) -> tuple[list[dict], dict |
         print(f"-- {task}: {e}", flush=True)
         return [{"model": k, "task": task, "method": m, "failed": True, "reason": str(e)}
                 for k in keys for m in ("learned", "attribution")], None
-    solved = [k for k in keys if own[k]["accuracy"] >= SOLVED_ACCURACY]
+    margin = p.plan.target_margin
+    solved = [k for k in keys if own[k]["accuracy"] >= SOLVED_ACCURACY and has_room(own[k]["loss"], margin)]
     if not solved and not p.plan.prune_at_chance:
-        reason = (f"both models are at chance on {task} (validation accuracy " +
-                  ", ".join(f"{k} {own[k]['accuracy']:.2f}" for k in keys) + "): no task behaviour to prune for")
+        reason = (f"no model solves {task} well enough for a circuit (validation accuracy, loss: " +
+                  ", ".join(f"{k} {own[k]['accuracy']:.2f}, {own[k]['loss']:.3f}" for k in keys) +
+                  f"; a circuit needs accuracy >= {SOLVED_ACCURACY} and a target, own loss + {margin}, at least "
+                  f"{margin} under chance, ln 2 = {CHANCE_LOSS:.3f})")
         print(f"-- {task}: {reason}", flush=True)
         return [{"model": k, "task": task, "method": m, "failed": True, "reason": reason, "own": own[k]}
                 for k in keys for m in ("learned", "attribution")], None
@@ -233,8 +249,9 @@ def prune_task(p: Pipeline, loaded: dict, task: str) -> tuple[list[dict], dict |
                "target_kind": "paper" if suffix else "common"}
         rows.append(row)
         if k not in pruned:
-            acc = own[k]["accuracy"]
-            row.update(failed=True, reason=f"{k} model at chance on {task} (validation accuracy {acc:.2f})")
+            acc, loss = own[k]["accuracy"], own[k]["loss"]
+            row.update(failed=True, reason=f"{k} model does not solve {task} well enough for a circuit (validation "
+                                           f"accuracy {acc:.2f}, loss {loss:.3f}: see the task's target)")
             continue
         row.update(prune_one(p, loaded[k], k, data[k], task, method, tgt, suffix))
     return rows, {"target_loss": target, "why": why, "own": own}

@@ -111,6 +111,16 @@ def test_common_target_is_the_papers_unless_a_model_misses_it():
     assert common_target({"sparse": {"loss": 0.12}}, margin=0.01)[0] == 0.15
 
 
+def test_a_model_near_chance_loss_gets_no_circuit_target():
+    from sparse_lm_app.main_job.stages import CHANCE_LOSS, has_room
+
+    # the tinypy run's bracket_counting: accuracy 0.65 passes the accuracy bar, but its loss 0.672 would put the
+    # target at 0.722, above the 0.693 the empty circuit already gets
+    assert not has_room(0.672)
+    assert has_room(0.59) and not has_room(0.60)
+    assert has_room(CHANCE_LOSS - 0.02, margin=0.01) and not has_room(CHANCE_LOSS - 0.019, margin=0.01)
+
+
 def test_prune_summary_gives_geometric_mean_edge_ratios():
     from sparse_lm_app.main_job.stages import prune_summary
 
