@@ -24,7 +24,9 @@ type                                through                                     
 ``mlp.post_act->mlp.resid_delta``   mlp.c_proj (down_proj)                                     yes
 ``resid_delta->act_in``             the residual stream: a write of channel c reaches every    no
                                     later read of c (``L'.attn|mlp.act_in``); weight: the
-                                    reading norm's gain at c (0: no link)
+                                    reading norm's gain at c (0: no link). In a parallel
+                                    block (Pythia) the MLP reads the block's input, so the
+                                    attention's write beside it is not a read of it
 ``attn.q<->attn.k``                 the score: q and k channels of the same head dimension     no
                                     multiply (Llama: and the rotary partner); weight 1
 ==================================  ========================================================  =======
@@ -57,7 +59,7 @@ import torch
 from torch import nn
 
 from sparse_lm.adapters import sites_of
-from sparse_lm.arch import layer_weights, n_layers
+from sparse_lm.arch import is_parallel, layer_weights, n_layers
 
 # Where each known kind sits in a block's forward pass; other site kinds sort after these.
 FORWARD_ORDER = {
@@ -312,6 +314,7 @@ def circuit_edges(model: nn.Module, index: NodeIndex, open_mask: torch.Tensor) -
     if open_mask.shape != (index.total,):
         raise ValueError(f"open_mask must be ({index.total},), got {tuple(open_mask.shape)}")
     layers = sorted({s.layer for s in index})
+    parallel = is_parallel(model)  # the MLP reads the block's input, not the attention's write beside it
     edges: list[Edge] = []
     writes: list[str] = []  # residual writes seen so far, in forward order
     for layer in layers:
@@ -331,8 +334,9 @@ def circuit_edges(model: nn.Module, index: NodeIndex, open_mask: torch.Tensor) -
                 edges += weights("attn.act_in->attn.q", "attn.act_in->attn.k", "attn.act_in->attn.v")
                 edges += _pair_edges(index, open_mask, p + "attn.q", p + "attn.k", w.qk_pairs, QK_LINK)
                 edges += weights("attn.v->attn.resid_delta")
-                writes.append(p + "attn.resid_delta")
+                if not parallel:
+                    writes.append(p + "attn.resid_delta")
             else:
                 edges += weights("mlp.act_in->mlp.post_act", "mlp.post_act->mlp.resid_delta")
-                writes.append(p + "mlp.resid_delta")
+                writes += [p + "attn.resid_delta"] * parallel + [p + "mlp.resid_delta"]
     return edges

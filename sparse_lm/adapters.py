@@ -1,7 +1,7 @@
 """Named sites for foreign ``transformers`` models: the one place that hooks them.
 
 A dense model of any architecture listed in `sparse_lm.arch` (GPT-2, GPT-Neo,
-Llama, Mistral, Qwen2/3, OLMo, Gemma 1-3, Phi-3) gets the same site names as a SparseGPT
+GPT-NeoX/Pythia, Llama, Mistral, Qwen2/3, OLMo, Gemma 1-3, Phi-3) gets the same site names as a SparseGPT
 (``3.resid_mid``, ``3.mlp.post_act``...) and the same registry interface
 (``record``, ``replace``, ``hooked``), so pruning, bridges and interventions
 never know which kind of model they hold. Torch hooks are installed when a
@@ -55,6 +55,10 @@ class HFSiteRegistry(SiteRegistry):
         d = cfg.hidden_size
         sites = []
         self._qkv_widths: list[int] = []
+        # fused output column of each q, k, v channel stacked (None: already stacked), and its inverse
+        order = self.spec.qkv_order(cfg) if self.spec.qkv_order is not None else None
+        self._qkv_order = order
+        self._qkv_unorder = torch.argsort(order) if order is not None else None
         for i, block in enumerate(self.blocks):
             widths = self._qkv(block)
             self._qkv_widths = widths
@@ -165,8 +169,11 @@ class HFSiteRegistry(SiteRegistry):
         def hook(module, args, out):
             if not any(self._sites[n].hooks for n in names):
                 return None
-            parts = out.split(self._qkv_widths, dim=-1)
-            return torch.cat([self._apply(n, p) for n, p in zip(names, parts)], dim=-1)
+            order, unorder = self._qkv_order, self._qkv_unorder
+            stacked = out if order is None else out.index_select(-1, order.to(out.device))  # (..., q | k | v)
+            parts = stacked.split(self._qkv_widths, dim=-1)
+            new = torch.cat([self._apply(n, p) for n, p in zip(names, parts)], dim=-1)
+            return new if unorder is None else new.index_select(-1, unorder.to(new.device))
         return hook
 
     @contextmanager

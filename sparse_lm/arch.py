@@ -10,12 +10,18 @@ an architecture is one record (and a test that builds a tiny one):
   positions only (`pruning.forward`),
 - which config attributes hold the context length and the number of layers.
 
-Listed: SparseGPT, GPT-2, GPT-Neo, and the pre-norm decoders with Llama's module
-names (Llama, Mistral, Qwen2, Qwen3, OLMo, Gemma, Gemma 2, Gemma 3, Phi-3). Not
-listed, and refused with that message: parallel-residual blocks (GPT-NeoX,
-GPT-J, Phi-1/2), where attention and MLP read the same residual and there is no
-``resid_mid`` between them, and blocks that rescale or renormalise the residual
+Listed: SparseGPT, GPT-2, GPT-Neo, GPT-NeoX (Pythia), and the pre-norm decoders with
+Llama's module names (Llama, Mistral, Qwen2, Qwen3, OLMo, Gemma, Gemma 2, Gemma 3,
+Phi-3). Not listed, and refused with that message: GPT-J and Phi-1/2 (parallel blocks
+with one norm for both branches), and blocks that rescale or renormalise the residual
 sum itself (OPT-350m's post-norm, OLMo 2, Granite's multipliers).
+
+**Parallel blocks** (GPT-NeoX with ``use_parallel_residual``, which every Pythia
+model sets): attention and MLP both read the block's input and their outputs are
+added together. ``resid_mid`` is still the block's input plus the attention's write,
+a sum the residual stream passes through on its way out, but the MLP does not read
+it: ``mlp.act_in`` is the second norm of ``resid_in``, and writing ``resid_mid``
+changes what the next block reads, not what this MLP reads (`is_parallel`).
 
 SparseGPT (``sparse_gpt``) is listed too: it has its own named sites
 (``native_sites``), but its weights, head, context and depth are read the
@@ -33,7 +39,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 
-__all__ = ["Arch", "ARCHS", "LayerWeights", "arch_of", "context_length", "n_layers", "layer_weights"]
+__all__ = ["Arch", "ARCHS", "LayerWeights", "arch_of", "context_length", "n_layers", "layer_weights", "is_parallel"]
 
 
 @dataclass
@@ -83,9 +89,15 @@ class Arch:
     native_sites: bool = False  # the model names its own sites (``model.sites``); no hooks needed
     # (config) -> widths of q, k, v in a fused qkv module; None: three equal thirds (GPT-2, SparseGPT)
     qkv_widths: Callable[[object], list[int]] | None = None
+    # (config) -> for each channel of q, k, v stacked in that order, its column in the fused module's output;
+    # None: the output is already q, k, v stacked. GPT-NeoX interleaves them per head (q_h, k_h, v_h).
+    qkv_order: Callable[[object], torch.Tensor] | None = None
+    # config attribute that says whether attention and MLP read the same input (True) or one after the
+    # other; "": always one after the other
+    parallel_key: str = ""
 
 
-OPTIONAL_FIELDS = ("native_sites", "qkv_widths")
+OPTIONAL_FIELDS = ("native_sites", "qkv_widths", "qkv_order", "parallel_key")
 
 
 # ---------------------------------------------------------------------------- weight maps
@@ -164,6 +176,24 @@ def _rotary_dim(cfg, d_head: int) -> int:
     return int(d_head * factor)
 
 
+def _rotary_pairs(q_width: int, k_width: int, d_head: int, r: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor]:
+    """Which key channels each query channel multiplies in the score, and the key/value channel of its head.
+
+    Returns (q channels, k channels) of the pairs and, for every query channel, the channel of the same
+    dimension in the key/value head it reads (grouped-query attention: ``q_width // k_width`` query heads
+    share one). The rotary embedding mixes dimension e with e +- r/2 of the same head (r: the rotary
+    dimensions; the others pass through, paired only with themselves).
+    """
+    group = q_width // k_width
+    j = torch.arange(q_width)
+    head, dim = j // d_head, j % d_head
+    k_same = (head // group) * d_head + dim
+    turned = dim < r
+    k_rot = (head // group) * d_head + torch.where(turned, (dim + r // 2) % max(r, 1), dim)
+    return torch.cat([j, j[turned]]), torch.cat([k_same, k_rot[turned]]), k_same
+
+
 def _decoder_layer(model: nn.Module, i: int, style: _Decoder) -> LayerWeights:
     block = model.model.layers[i]
     cfg = model.config
@@ -186,17 +216,7 @@ def _decoder_layer(model: nn.Module, i: int, style: _Decoder) -> LayerWeights:
         proj = proj * _gain(block.post_feedforward_layernorm, d, style.gain_offset)[:, None]
         mlp_norm = block.pre_feedforward_layernorm
     d_head = _head_dim(cfg)
-    group = q.shape[0] // k.shape[0]  # query heads per key head (grouped-query attention)
-    j = torch.arange(q.shape[0])
-    head, dim = j // d_head, j % d_head
-    k_same = (head // group) * d_head + dim  # also the v channel query channel j's head output reads
-    # Rotary embedding mixes dimension e with e +- r/2 of the same head (r: the rotary dimensions; the
-    # others pass through, paired only with themselves).
-    r = _rotary_dim(cfg, d_head)
-    turned = dim < r
-    k_rot = (head // group) * d_head + torch.where(turned, (dim + r // 2) % max(r, 1), dim)
-    q_ch = torch.cat([j, j[turned]])
-    k_ch = torch.cat([k_same, k_rot[turned]])
+    q_ch, k_ch, k_same = _rotary_pairs(q.shape[0], k.shape[0], d_head, _rotary_dim(cfg, d_head))
     return LayerWeights(q=q, k=k, v=v, o=o, fc=torch.where(up != 0, up, gate), proj=proj,
                         attn_gain=_gain(block.input_layernorm, d, style.gain_offset),
                         mlp_gain=_gain(mlp_norm, d, style.gain_offset), qk_pairs=(q_ch, k_ch), o_reads_v=k_same)
@@ -218,6 +238,25 @@ def _phi3_layer(model: nn.Module, i: int) -> LayerWeights:
     return _decoder_layer(model, i, _Decoder(fused_qkv=True, fused_gate_up=True))
 
 
+def _neox_qkv_order(cfg) -> torch.Tensor:
+    """GPT-NeoX's fused output, viewed as (heads, 3 * d_head), holds q_h, k_h, v_h of each head side by side."""
+    d_head = cfg.hidden_size // cfg.num_attention_heads
+    j = torch.arange(cfg.hidden_size)
+    head, dim = j // d_head, j % d_head
+    return torch.cat([head * 3 * d_head + part * d_head + dim for part in range(3)])
+
+
+def _gpt_neox_layer(model: nn.Module, i: int) -> LayerWeights:
+    block, cfg = model.gpt_neox.layers[i], model.config
+    d = cfg.hidden_size
+    q, k, v = _w(block.attention.query_key_value)[_neox_qkv_order(cfg)].split(d, dim=0)
+    d_head = d // cfg.num_attention_heads
+    q_ch, k_ch, _ = _rotary_pairs(d, d, d_head, _rotary_dim(cfg, d_head))
+    return LayerWeights(q=q, k=k, v=v, o=_w(block.attention.dense), fc=_w(block.mlp.dense_h_to_4h),
+                        proj=_w(block.mlp.dense_4h_to_h), attn_gain=_gain(block.input_layernorm, d),
+                        mlp_gain=_gain(block.post_attention_layernorm, d), qk_pairs=(q_ch, k_ch))
+
+
 # ---------------------------------------------------------------------------- fast heads
 
 
@@ -230,6 +269,10 @@ def _head_sparse_gpt(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) 
 
 def _head_gpt2(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.transformer.ln_f(x))
+
+
+def _head_gpt_neox(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
+    return model.get_output_embeddings()(model.gpt_neox.final_layer_norm(x))
 
 
 def _head_decoder(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
@@ -274,12 +317,19 @@ GEMMA2 = replace(GEMMA, model_type="gemma2", norm2="pre_feedforward_layernorm", 
 GEMMA3 = replace(GEMMA2, model_type="gemma3_text")
 # Phi-3: one fused qkv projection (grouped-query widths) and one fused gate/up projection.
 PHI3 = replace(LLAMA, model_type="phi3", qkv=("self_attn.qkv_proj",), weights=_phi3_layer, qkv_widths=_decoder_qkv_widths)
+# GPT-NeoX (every Pythia model): q, k, v fused and interleaved per head, LayerNorms with biases, a partial rotary
+# embedding, and (use_parallel_residual) attention and MLP reading the same block input.
+GPT_NEOX = Arch(model_type="gpt_neox", blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm",
+                norm1="input_layernorm", attn="attention", norm2="post_attention_layernorm", mlp="mlp",
+                post_act=("mlp.dense_4h_to_h", "input"), qkv=("attention.query_key_value",), weights=_gpt_neox_layer,
+                head=_head_gpt_neox, context_key="max_position_embeddings", layers_key="num_hidden_layers",
+                attn_out="attention", mlp_out="mlp", qkv_order=_neox_qkv_order, parallel_key="use_parallel_residual")
 # A tracr-compiled transformer (`pruning.groundtruth.torch_model`) copies SparseGPT's module layout and site
 # names (identity norms without a gain: gains of 1), so SparseGPT's weight map and head read it unchanged.
 TRACR = replace(SPARSE_GPT, model_type="tracr")
 
-ARCHS: dict[str, Arch] = {a.model_type: a for a in (SPARSE_GPT, GPT2, GPT_NEO, LLAMA, MISTRAL, QWEN2, QWEN3, OLMO, GEMMA,
-                                                    GEMMA2, GEMMA3, PHI3, TRACR)}
+ARCHS: dict[str, Arch] = {a.model_type: a for a in (SPARSE_GPT, GPT2, GPT_NEO, GPT_NEOX, LLAMA, MISTRAL, QWEN2, QWEN3,
+                                                    OLMO, GEMMA, GEMMA2, GEMMA3, PHI3, TRACR)}
 
 
 def arch_of(model: nn.Module) -> Arch:
@@ -299,6 +349,12 @@ def context_length(model: nn.Module) -> int:
 def n_layers(model: nn.Module) -> int:
     """The number of blocks."""
     return int(getattr(model.config, arch_of(model).layers_key))
+
+
+def is_parallel(model: nn.Module) -> bool:
+    """Whether the model's blocks feed attention and MLP the same input (the MLP does not read ``resid_mid``)."""
+    key = arch_of(model).parallel_key
+    return bool(key and getattr(model.config, key, False))
 
 
 def layer_weights(model: nn.Module, layer: int) -> LayerWeights:

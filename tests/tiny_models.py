@@ -14,6 +14,8 @@ from transformers import (
     GPT2LMHeadModel,
     GPTNeoConfig,
     GPTNeoForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -58,6 +60,18 @@ def tiny_model(model_type: str, vocab: int = VOCAB, context: int = CONTEXT) -> t
                                               num_layers=LAYERS, num_heads=2, intermediate_size=32,
                                               attention_types=[[["global", "local"], LAYERS // 2]],
                                               window_size=4)).eval()
+    if model_type in ("gpt_neox", "gpt_neox_sequential"):
+        # Pythia's layout: parallel blocks (the sequential variant as some GPT-NeoX models have), a quarter of
+        # each head turned by the rotary embedding (the q-k pairing must leave the rest alone)
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=LAYERS, num_attention_heads=2,
+            max_position_embeddings=context, use_parallel_residual=model_type == "gpt_neox",
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}))
+        with torch.no_grad():  # LayerNorms start at gain 1, bias 0: make them differ
+            for name, p in model.named_parameters():
+                if "layernorm" in name or "layer_norm" in name:
+                    p.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
+        return model.eval()
     made = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
             "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
             "olmo": (OlmoConfig, OlmoForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),

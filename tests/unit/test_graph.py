@@ -201,3 +201,21 @@ def test_every_architecture_lists_its_whole_model_edges_and_counts_them_alike(mo
     index = NodeIndex.build(model, DEFAULT_NODE_KINDS)
     counts = count_edges(circuit_edges(model, index, _all_open(index)))
     assert counts.weights > 0 and weight_edge_count(model, index) == counts.weights
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "gpt_neox_sequential"])
+def test_a_parallel_blocks_mlp_reads_no_write_of_its_own_attention(model_type):
+    """Pythia's blocks feed the MLP the block's input: the attention's write beside it reaches the next
+    block's reads, not this MLP's, so no residual link joins them (GPT-NeoX's sequential blocks keep it)."""
+    from tiny_models import LAYERS, tiny_model
+
+    model = tiny_model(model_type)
+    index = NodeIndex.build(model, DEFAULT_NODE_KINDS)
+    names = [s.name for s in index for _ in range(s.width)]  # node id -> its site
+    links = {(names[e.src], names[e.dst]) for e in circuit_edges(model, index, _all_open(index))
+             if e.type == "resid_delta->act_in"}
+    same_block = {(f"{i}.attn.resid_delta", f"{i}.mlp.act_in") for i in range(LAYERS)}
+    assert (same_block <= links) == (model_type == "gpt_neox_sequential")
+    assert not (same_block & links) or model_type == "gpt_neox_sequential"
+    # both reach the next block
+    assert {("0.attn.resid_delta", "1.attn.act_in"), ("0.mlp.resid_delta", "1.mlp.act_in")} <= links

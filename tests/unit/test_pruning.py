@@ -483,7 +483,7 @@ def test_dense_gpt2_prunes_through_the_site_adapter(small_data):
 
 
 @pytest.mark.slow  # ~10 s each; the site adapter of every architecture is unit-tested (test_adapters, test_arch)
-@pytest.mark.parametrize("model_type", ["gpt_neo", "gemma2", "phi3"])
+@pytest.mark.parametrize("model_type", ["gpt_neo", "gpt_neox", "gemma2", "phi3"])
 def test_other_dense_architectures_prune_through_the_site_adapter(small_data, model_type):
     """GPT-Neo (GPT-2's layout with Linear q/k/v), Gemma 2 (norms on the attention and MLP outputs) and
     Phi-3 (fused qkv with grouped-query widths, fused gate/up): masks, bisection, edges and the fast head."""
