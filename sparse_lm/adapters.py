@@ -1,8 +1,8 @@
 """Named sites for foreign ``transformers`` models: the one place that hooks them.
 
 A dense model of any architecture listed in `sparse_lm.arch` (GPT-2, GPT-Neo,
-GPT-NeoX/Pythia, Llama, Mistral, Qwen2/3, OLMo, Gemma 1-3, Phi-3) gets the same site names as a SparseGPT
-(``3.resid_mid``, ``3.mlp.post_act``...) and the same registry interface
+GPT-NeoX/Pythia, GPT-J, Phi-1/2, Llama, Mistral, Qwen2/3, OLMo, Gemma 1-3, Phi-3)
+gets the same site names as a SparseGPT (``3.resid_mid``, ``3.mlp.post_act``...) and the same registry interface
 (``record``, ``replace``, ``hooked``), so pruning, bridges and interventions
 never know which kind of model they hold. Torch hooks are installed when a
 registry context opens and removed when the last one closes, also after an
@@ -97,9 +97,14 @@ class HFSiteRegistry(SiteRegistry):
         h = self._handles
         for i, block in enumerate(self.blocks):
             h.append(block.register_forward_pre_hook(self._pre_block(i), with_kwargs=True))
-            h.append(block.get_submodule(s.norm1).register_forward_hook(self._out(f"{i}.attn.act_in")))
+            if s.shared_norm:  # one norm's output feeds both branches: hook what each branch takes in
+                for branch, name in ((s.attn, f"{i}.attn.act_in"), (s.mlp, f"{i}.mlp.act_in")):
+                    h.append(block.get_submodule(branch).register_forward_pre_hook(self._in_hidden(name),
+                                                                                   with_kwargs=True))
+            else:
+                h.append(block.get_submodule(s.norm1).register_forward_hook(self._out(f"{i}.attn.act_in")))
+                h.append(block.get_submodule(s.norm2).register_forward_hook(self._out(f"{i}.mlp.act_in")))
             h.append(block.get_submodule(s.attn_out).register_forward_hook(self._attn_out(i)))
-            h.append(block.get_submodule(s.norm2).register_forward_hook(self._out(f"{i}.mlp.act_in")))
             h.append(block.get_submodule(s.mlp_out).register_forward_hook(self._out(f"{i}.mlp.resid_delta")))
             mod, where = s.post_act
             target = block.get_submodule(mod)
@@ -134,13 +139,18 @@ class HFSiteRegistry(SiteRegistry):
         return hook
 
     def _pre_block(self, i: int):
-        name = f"{i}.resid_in"
+        def keep(y: torch.Tensor) -> None:
+            self._resid_in[i] = y  # resid_mid = resid_in + attention output
+        return self._in_hidden(f"{i}.resid_in", keep)
 
+    def _in_hidden(self, name: str, seen=None):
+        """A pre-hook on a module whose first input is the hidden states, passed by position or by keyword."""
         def hook(module, args, kwargs):
             in_args = "hidden_states" not in kwargs
             x = args[0] if in_args else kwargs["hidden_states"]
             y = self._apply(name, x)
-            self._resid_in[i] = y  # resid_mid = resid_in + attention output
+            if seen is not None:
+                seen(y)
             if y is x:
                 return None
             if in_args:

@@ -10,18 +10,21 @@ an architecture is one record (and a test that builds a tiny one):
   positions only (`pruning.forward`),
 - which config attributes hold the context length and the number of layers.
 
-Listed: SparseGPT, GPT-2, GPT-Neo, GPT-NeoX (Pythia), and the pre-norm decoders with
-Llama's module names (Llama, Mistral, Qwen2, Qwen3, OLMo, Gemma, Gemma 2, Gemma 3,
-Phi-3). Not listed, and refused with that message: GPT-J and Phi-1/2 (parallel blocks
-with one norm for both branches), and blocks that rescale or renormalise the residual
-sum itself (OPT-350m's post-norm, OLMo 2, Granite's multipliers).
+Listed: SparseGPT, GPT-2, GPT-Neo, GPT-NeoX (Pythia), GPT-J, Phi-1/1.5/2, and the
+pre-norm decoders with Llama's module names (Llama, Mistral, Qwen2, Qwen3, OLMo, Gemma,
+Gemma 2, Gemma 3, Phi-3). Not listed, and refused with that message: blocks that
+rescale or renormalise the residual sum itself (OPT-350m's post-norm, OLMo 2,
+Granite's multipliers).
 
 **Parallel blocks** (GPT-NeoX with ``use_parallel_residual``, which every Pythia
-model sets): attention and MLP both read the block's input and their outputs are
-added together. ``resid_mid`` is still the block's input plus the attention's write,
-a sum the residual stream passes through on its way out, but the MLP does not read
-it: ``mlp.act_in`` is the second norm of ``resid_in``, and writing ``resid_mid``
-changes what the next block reads, not what this MLP reads (`is_parallel`).
+model sets; GPT-J; Phi-1/2): attention and MLP both read the block's input and their
+outputs are added together. ``resid_mid`` is still the block's input plus the
+attention's write, a sum the residual stream passes through on its way out, but the
+MLP does not read it: ``mlp.act_in`` is the MLP's norm of ``resid_in``, and writing
+``resid_mid`` changes what the next block reads, not what this MLP reads
+(`is_parallel`). GPT-J and Phi give both branches one norm (``shared_norm``): the two
+``act_in`` sites are then the inputs of the attention and of the MLP, so writing one
+leaves the other branch alone.
 
 SparseGPT (``sparse_gpt``) is listed too: it has its own named sites
 (``native_sites``), but its weights, head, context and depth are read the
@@ -92,12 +95,14 @@ class Arch:
     # (config) -> for each channel of q, k, v stacked in that order, its column in the fused module's output;
     # None: the output is already q, k, v stacked. GPT-NeoX interleaves them per head (q_h, k_h, v_h).
     qkv_order: Callable[[object], torch.Tensor] | None = None
-    # config attribute that says whether attention and MLP read the same input (True) or one after the
-    # other; "": always one after the other
-    parallel_key: str = ""
+    # (config) -> whether attention and MLP read the same block input (True) or one after the other;
+    # None: always one after the other
+    parallel: Callable[[object], bool] | None = None
+    # one norm feeds both branches (norm1 == norm2): the act_in sites hook the inputs of attn and mlp
+    shared_norm: bool = False
 
 
-OPTIONAL_FIELDS = ("native_sites", "qkv_widths", "qkv_order", "parallel_key")
+OPTIONAL_FIELDS = ("native_sites", "qkv_widths", "qkv_order", "parallel", "shared_norm")
 
 
 # ---------------------------------------------------------------------------- weight maps
@@ -176,21 +181,23 @@ def _rotary_dim(cfg, d_head: int) -> int:
     return int(d_head * factor)
 
 
-def _rotary_pairs(q_width: int, k_width: int, d_head: int, r: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                           torch.Tensor]:
+def _rotary_pairs(q_width: int, k_width: int, d_head: int, r: int,
+                  every_two: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which key channels each query channel multiplies in the score, and the key/value channel of its head.
 
     Returns (q channels, k channels) of the pairs and, for every query channel, the channel of the same
     dimension in the key/value head it reads (grouped-query attention: ``q_width // k_width`` query heads
-    share one). The rotary embedding mixes dimension e with e +- r/2 of the same head (r: the rotary
-    dimensions; the others pass through, paired only with themselves).
+    share one). The rotary embedding mixes dimension e with e +- r/2 of the same head (``every_two``,
+    GPT-J: with its neighbour e xor 1); r: the rotary dimensions, the others pass through, paired only
+    with themselves.
     """
     group = q_width // k_width
     j = torch.arange(q_width)
     head, dim = j // d_head, j % d_head
     k_same = (head // group) * d_head + dim
     turned = dim < r
-    k_rot = (head // group) * d_head + torch.where(turned, (dim + r // 2) % max(r, 1), dim)
+    partner = dim ^ 1 if every_two else (dim + r // 2) % max(r, 1)
+    k_rot = (head // group) * d_head + torch.where(turned, partner, dim)
     return torch.cat([j, j[turned]]), torch.cat([k_same, k_rot[turned]]), k_same
 
 
@@ -257,6 +264,28 @@ def _gpt_neox_layer(model: nn.Module, i: int) -> LayerWeights:
                         mlp_gain=_gain(block.post_attention_layernorm, d), qk_pairs=(q_ch, k_ch))
 
 
+def _gptj_layer(model: nn.Module, i: int) -> LayerWeights:
+    block, cfg = model.transformer.h[i], model.config
+    d = cfg.n_embd
+    d_head = d // cfg.n_head
+    q_ch, k_ch, _ = _rotary_pairs(d, d, d_head, cfg.rotary_dim or d_head, every_two=True)
+    gain = _gain(block.ln_1, d)  # one norm feeds both branches
+    return LayerWeights(q=_w(block.attn.q_proj), k=_w(block.attn.k_proj), v=_w(block.attn.v_proj),
+                        o=_w(block.attn.out_proj), fc=_w(block.mlp.fc_in), proj=_w(block.mlp.fc_out), attn_gain=gain,
+                        mlp_gain=gain, qk_pairs=(q_ch, k_ch))
+
+
+def _phi_layer(model: nn.Module, i: int) -> LayerWeights:
+    block, cfg = model.model.layers[i], model.config
+    att, d = block.self_attn, cfg.hidden_size
+    q, k = _w(att.q_proj), _w(att.k_proj)
+    d_head = _head_dim(cfg)
+    q_ch, k_ch, k_same = _rotary_pairs(q.shape[0], k.shape[0], d_head, _rotary_dim(cfg, d_head))
+    gain = _gain(block.input_layernorm, d)  # one norm feeds both branches
+    return LayerWeights(q=q, k=k, v=_w(att.v_proj), o=_w(att.dense), fc=_w(block.mlp.fc1), proj=_w(block.mlp.fc2),
+                        attn_gain=gain, mlp_gain=gain, qk_pairs=(q_ch, k_ch), o_reads_v=k_same)
+
+
 # ---------------------------------------------------------------------------- fast heads
 
 
@@ -273,6 +302,10 @@ def _head_gpt2(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> tor
 
 def _head_gpt_neox(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
     return model.get_output_embeddings()(model.gpt_neox.final_layer_norm(x))
+
+
+def _head_phi(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(model.model.final_layernorm(x))
 
 
 def _head_decoder(model: nn.Module, x: torch.Tensor, last_ids: torch.Tensor) -> torch.Tensor:
@@ -323,13 +356,28 @@ GPT_NEOX = Arch(model_type="gpt_neox", blocks="gpt_neox.layers", final_norm="gpt
                 norm1="input_layernorm", attn="attention", norm2="post_attention_layernorm", mlp="mlp",
                 post_act=("mlp.dense_4h_to_h", "input"), qkv=("attention.query_key_value",), weights=_gpt_neox_layer,
                 head=_head_gpt_neox, context_key="max_position_embeddings", layers_key="num_hidden_layers",
-                attn_out="attention", mlp_out="mlp", qkv_order=_neox_qkv_order, parallel_key="use_parallel_residual")
+                attn_out="attention", mlp_out="mlp", qkv_order=_neox_qkv_order,
+                parallel=lambda cfg: bool(cfg.use_parallel_residual))
+# GPT-J: parallel blocks with one LayerNorm for both branches, q/k/v/out without bias, the rotary embedding on
+# the first rotary_dim dimensions of each head in neighbouring pairs.
+GPTJ = Arch(model_type="gptj", blocks="transformer.h", final_norm="transformer.ln_f", norm1="ln_1", attn="attn",
+            norm2="ln_1", mlp="mlp", post_act=("mlp.fc_out", "input"),
+            qkv=("attn.q_proj", "attn.k_proj", "attn.v_proj"), weights=_gptj_layer, head=_head_gpt2,
+            context_key="n_positions", layers_key="n_layer", attn_out="attn", mlp_out="mlp",
+            parallel=lambda cfg: True, shared_norm=True)
+# Phi-1, 1.5 and 2: GPT-J's block (one LayerNorm, parallel branches) with Llama's paths, a partial rotary
+# embedding (rotate-half) and a final LayerNorm named final_layernorm.
+PHI = Arch(model_type="phi", blocks="model.layers", final_norm="model.final_layernorm", norm1="input_layernorm",
+           attn="self_attn", norm2="input_layernorm", mlp="mlp", post_act=("mlp.fc2", "input"),
+           qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), weights=_phi_layer, head=_head_phi,
+           context_key="max_position_embeddings", layers_key="num_hidden_layers", attn_out="self_attn",
+           mlp_out="mlp", parallel=lambda cfg: True, shared_norm=True)
 # A tracr-compiled transformer (`pruning.groundtruth.torch_model`) copies SparseGPT's module layout and site
 # names (identity norms without a gain: gains of 1), so SparseGPT's weight map and head read it unchanged.
 TRACR = replace(SPARSE_GPT, model_type="tracr")
 
-ARCHS: dict[str, Arch] = {a.model_type: a for a in (SPARSE_GPT, GPT2, GPT_NEO, GPT_NEOX, LLAMA, MISTRAL, QWEN2, QWEN3,
-                                                    OLMO, GEMMA, GEMMA2, GEMMA3, PHI3, TRACR)}
+ARCHS: dict[str, Arch] = {a.model_type: a for a in (SPARSE_GPT, GPT2, GPT_NEO, GPT_NEOX, GPTJ, PHI, LLAMA, MISTRAL,
+                                                    QWEN2, QWEN3, OLMO, GEMMA, GEMMA2, GEMMA3, PHI3, TRACR)}
 
 
 def arch_of(model: nn.Module) -> Arch:
@@ -353,8 +401,8 @@ def n_layers(model: nn.Module) -> int:
 
 def is_parallel(model: nn.Module) -> bool:
     """Whether the model's blocks feed attention and MLP the same input (the MLP does not read ``resid_mid``)."""
-    key = arch_of(model).parallel_key
-    return bool(key and getattr(model.config, key, False))
+    parallel = arch_of(model).parallel
+    return bool(parallel is not None and parallel(model.config))
 
 
 def layer_weights(model: nn.Module, layer: int) -> LayerWeights:

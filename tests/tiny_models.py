@@ -14,6 +14,8 @@ from transformers import (
     GPT2LMHeadModel,
     GPTNeoConfig,
     GPTNeoForCausalLM,
+    GPTJConfig,
+    GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
@@ -22,6 +24,8 @@ from transformers import (
     MistralForCausalLM,
     OlmoConfig,
     OlmoForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
@@ -67,11 +71,16 @@ def tiny_model(model_type: str, vocab: int = VOCAB, context: int = CONTEXT) -> t
             vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=LAYERS, num_attention_heads=2,
             max_position_embeddings=context, use_parallel_residual=model_type == "gpt_neox",
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}))
-        with torch.no_grad():  # LayerNorms start at gain 1, bias 0: make them differ
-            for name, p in model.named_parameters():
-                if "layernorm" in name or "layer_norm" in name:
-                    p.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
-        return model.eval()
+        return _random_layernorms(model).eval()
+    if model_type == "gptj":  # neighbouring-pair rotary on half of each head's 8 dimensions
+        return _random_layernorms(GPTJForCausalLM(GPTJConfig(
+            vocab_size=vocab, n_positions=context, n_embd=16, n_layer=LAYERS, n_head=2, rotary_dim=4,
+            n_inner=24))).eval()
+    if model_type == "phi":  # grouped-query heads, rotate-half rotary on half of each head
+        return _random_layernorms(PhiForCausalLM(PhiConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=context,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))).eval()
     made = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
             "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
             "olmo": (OlmoConfig, OlmoForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM),
@@ -94,4 +103,14 @@ def tiny_model(model_type: str, vocab: int = VOCAB, context: int = CONTEXT) -> t
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
+    return model
+
+
+def _random_layernorms(model: torch.nn.Module) -> torch.nn.Module:
+    """LayerNorms start at gain 1, bias 0: make their gains and biases differ, so a norm read from the wrong
+    module shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(n in name for n in ("layernorm", "layer_norm", "ln_")):
+                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
     return model

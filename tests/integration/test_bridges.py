@@ -217,7 +217,7 @@ def test_llama_dense_model_works_through_the_adapter():
 
 
 @pytest.mark.slow  # ~5 s each on a shared machine; the site sums of every architecture are unit-tested (test_adapters)
-@pytest.mark.parametrize("model_type", ["gpt_neo", "gpt_neox", "olmo", "gemma", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("model_type", ["gpt_neo", "gpt_neox", "gptj", "phi", "olmo", "gemma", "gemma2", "gemma3_text", "phi3"])
 def test_every_other_dense_architecture_bridges(model_type):
     """A bridge trains against a dense model of each further listed architecture (one gradient step lowers
     its loss) and its s->d hybrid runs through the adapter."""

@@ -117,7 +117,7 @@ def test_sites_add_up_to_the_residual_stream(model_type):
         torch.testing.assert_close(acts[f"{i}.attn.act_in"], norm1(acts[f"{i}.resid_in"]))
         mlp_reads = acts[f"{i}.resid_in" if is_parallel(m) else f"{i}.resid_mid"]
         torch.testing.assert_close(acts[f"{i}.mlp.act_in"], norm2(mlp_reads))
-    assert is_parallel(m) == (model_type == "gpt_neox")
+    assert is_parallel(m) == (model_type in ("gpt_neox", "gptj", "phi"))
     assert sites.active_torch_hooks() == 0
 
 
@@ -189,3 +189,24 @@ def test_gpt_neox_weight_map_rows_are_the_sites_columns():
     for n, mat in zip("qkv", (w.q, w.k, w.v)):
         a = acts[f"1.attn.{n}"][0]
         torch.testing.assert_close(a[1:] - a[:1], dx @ mat.T, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("model_type", ["gptj", "phi"])
+def test_a_shared_norms_two_act_in_sites_are_separate(model_type):
+    """GPT-J and Phi give one norm's output to both branches; the two act_in sites are what each branch takes
+    in, so writing one changes that branch's output and leaves the other's alone."""
+    m = tiny_model(model_type)
+    sites = sites_of(m)
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(6))
+    watched = ["0.attn.act_in", "0.mlp.act_in", "0.attn.resid_delta", "0.mlp.resid_delta"]
+    with torch.no_grad():
+        with sites.record(watched) as base:
+            m(input_ids=ids)
+        torch.testing.assert_close(base["0.attn.act_in"], base["0.mlp.act_in"])  # the same norm's output
+        for written, other in (("attn", "mlp"), ("mlp", "attn")):
+            with sites.replace({f"0.{written}.act_in": lambda h: 0.5 * h - 0.3}), sites.record(watched) as acts:
+                m(input_ids=ids)
+            torch.testing.assert_close(acts[f"0.{other}.act_in"], base[f"0.{other}.act_in"])
+            torch.testing.assert_close(acts[f"0.{other}.resid_delta"], base[f"0.{other}.resid_delta"])
+            assert not torch.allclose(acts[f"0.{written}.resid_delta"], base[f"0.{written}.resid_delta"])
+    assert sites.active_torch_hooks() == 0

@@ -121,6 +121,18 @@ def test_weight_map_output_matrices_give_what_the_residual_receives(model_type):
         torch.testing.assert_close(cos, torch.ones(3), rtol=1e-5, atol=1e-5)
 
 
+def test_rotary_pairs_follow_each_models_rotation():
+    """GPT-J turns neighbouring dimensions (0 with 1, 2 with 3) of the first rotary_dim of a head; GPT-NeoX
+    and Phi turn dimension e with e + r/2 (rotate-half) of the first r; the rest pair only with themselves."""
+    q_ch, k_ch = layer_weights(_tiny("gptj"), 0).qk_pairs  # 2 heads of 8 dims, rotary_dim 4
+    assert sorted(k_ch[q_ch == 8].tolist()) == [8, 9] and sorted(k_ch[q_ch == 11].tolist()) == [10, 11]
+    assert sorted(k_ch[q_ch == 13].tolist()) == [13]
+    q_ch, k_ch = layer_weights(_tiny("gpt_neox"), 0).qk_pairs  # 2 heads of 8 dims, a quarter turned: r = 2
+    assert sorted(k_ch[q_ch == 8].tolist()) == [8, 9] and sorted(k_ch[q_ch == 10].tolist()) == [10]
+    q_ch, k_ch = layer_weights(_tiny("phi"), 0).qk_pairs  # 4 query heads of 4 dims, 2 key heads, r = 2
+    assert sorted(k_ch[q_ch == 4].tolist()) == [0, 1] and sorted(k_ch[q_ch == 14].tolist()) == [6]
+
+
 def test_fused_projections_split_as_the_model_splits_them():
     """Phi-3's qkv_proj (grouped-query widths) and gate_up_proj (gate rows, then up rows)."""
     phi = _tiny("phi3")

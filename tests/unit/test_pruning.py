@@ -483,10 +483,11 @@ def test_dense_gpt2_prunes_through_the_site_adapter(small_data):
 
 
 @pytest.mark.slow  # ~10 s each; the site adapter of every architecture is unit-tested (test_adapters, test_arch)
-@pytest.mark.parametrize("model_type", ["gpt_neo", "gpt_neox", "gemma2", "phi3"])
+@pytest.mark.parametrize("model_type", ["gpt_neo", "gpt_neox", "gptj", "phi", "gemma2", "phi3"])
 def test_other_dense_architectures_prune_through_the_site_adapter(small_data, model_type):
-    """GPT-Neo (GPT-2's layout with Linear q/k/v), Gemma 2 (norms on the attention and MLP outputs) and
-    Phi-3 (fused qkv with grouped-query widths, fused gate/up): masks, bisection, edges and the fast head."""
+    """GPT-Neo (GPT-2's layout with Linear q/k/v), GPT-NeoX (per-head interleaved qkv, parallel blocks), GPT-J
+    and Phi (parallel blocks with one norm), Gemma 2 (norms on the attention and MLP outputs) and Phi-3
+    (fused qkv with grouped-query widths, fused gate/up): masks, bisection, edges and the fast head."""
     from tiny_models import LAYERS, tiny_model
 
     from sparse_lm.tokenizer import load_tokenizer
