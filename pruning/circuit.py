@@ -37,8 +37,10 @@
         "full_model": ..., "circuit": ..., "circuit_calibrated": ...,
         "circuit_ablated": ...,      # the circuit's own nodes mean-ablated, everything else intact
         "all_ablated": ...,          # every candidate node mean-ablated
-        "full_model_val": ..., "circuit_val": ..., "circuit_calibrated_val": ...},   # validation split:
+        "full_model_val": ..., "circuit_val": ..., "circuit_calibrated_val": ...,   # validation split:
                                      # what the bisection chose on (raw) and what a sweep may choose on
+        "all_ablated_val": ...},     # the empty circuit on validation (when min_accuracy > 0): a target at
+                                     # or above it is refused, any node set would meet it
       "verification": {
         "keeps_target": bool,        # circuit test loss <= target_loss (raw, uncalibrated, as bisected)
         "keeps_target_val": bool,    # the same on validation (true by construction of the bisection)

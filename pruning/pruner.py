@@ -633,6 +633,20 @@ def _check_full_model(s: _Search) -> str | None:
             f"target {s.target:.4f}; prune toward a target relative to the model's own loss, e.g. --target-loss "
             f"relative:+0.05 (= {own + 0.05:.4f} here) or relative_margin=0.05, or use a model that solves the task"
         )
+    if cfg.min_accuracy > 0:  # min_accuracy=0 asks to prune anyway (toy models near chance)
+        # A model just above min_accuracy can have a loss near ln 2, and its relative target then sits above
+        # what the empty circuit gets (only the embeddings' direct path and the means left): any set of
+        # nodes, the empty one included, "meets" it, and the circuit would say nothing about the task.
+        empty = s.metric(data.val, torch.zeros_like(all_open))
+        s.circuit.metrics["all_ablated_val"] = empty
+        if empty["loss"] <= s.target:
+            return (
+                f"the target {s.target:.4f} is met by the empty circuit: with every node mean-ablated the task "
+                f"loss on {data.task} is {empty['loss']:.4f} nats on the validation split (the model's own "
+                f"{own:.4f}, chance ln 2 = {math.log(2):.4f}), so any circuit would meet it without carrying the "
+                f"task; choose a target under {empty['loss']:.4f} (a smaller relative margin) or a model that "
+                f"solves the task with more to spare"
+            )
     return None
 
 
@@ -741,6 +755,7 @@ def _measure(s: _Search, order: torch.Tensor, count: int) -> tuple[torch.Tensor,
         "circuit_ablated": s.metric(data.test, 1.0 - mask),
         "all_ablated": s.metric(data.test, torch.zeros_like(mask)),
         "full_model_val": s.full_val,
+        **({"all_ablated_val": c.metrics["all_ablated_val"]} if "all_ablated_val" in c.metrics else {}),
         "circuit_val": circuit_val,
         "circuit_calibrated_val": calibrated_val,
     }

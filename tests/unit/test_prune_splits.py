@@ -70,7 +70,7 @@ def test_a_sweep_run_reads_no_test_split_and_finishing_it_gives_the_lone_prune(p
         return {**c, "search": {k: v for k, v in c["search"].items() if k != "seconds"}}
 
     assert not run.failed and choices(run.to_json()) == choices(blind.to_json())  # test plays no part
-    assert set(run.metrics) == {"full_model_val"} and not run.faithfulness and not run.verification
+    assert set(run.metrics) == {"full_model_val", "all_ablated_val"} and not run.faithfulness and not run.verification
     assert [n.id for n in run.nodes] == [n["id"] for n in lone["nodes"]] and run.num_edges == lone["num_edges"]
     done = finish_circuit(model, None, cfg, run.to_json(), run.order_and_count, means=means, data=data).to_json()
     for key in ("nodes", "edges", "num_nodes", "num_edges", "edges_by_type", "metrics", "verification",
@@ -107,6 +107,23 @@ def test_a_random_weights_control_fails_as_a_model_that_does_not_solve_the_task(
                     progress=False)
     assert circuit.failed and circuit.num_nodes == 0 and circuit.nodes == []
     assert "the model does not solve this task: accuracy" in circuit.reason and "on validation" in circuit.reason
+
+
+def test_a_target_the_empty_circuit_meets_gives_no_circuit(planted):  # noqa: F811
+    """A target at or above the empty circuit's validation loss would be met by any node set: no circuit, and
+    the reason says so. min_accuracy=0 (prune anyway) still prunes."""
+    model, _, means, _ = planted
+    circuit = prune(model, None, planted_cfg(relative_margin=5.0), means=means, data=planted_data(), progress=False)
+    assert circuit.failed and circuit.num_nodes == 0
+    assert "is met by the empty circuit" in circuit.reason, circuit.reason
+    empty = circuit.metrics["all_ablated_val"]["loss"]
+    assert empty <= circuit.target_loss and empty > circuit.metrics["full_model_val"]["loss"]
+    anyway = prune(model, None, planted_cfg(relative_margin=5.0, min_accuracy=0.0), means=means, data=planted_data(),
+                   progress=False)
+    assert not anyway.failed, anyway.reason
+    # a target under the empty circuit's loss is pruned as before
+    ok = prune(model, None, planted_cfg(relative_margin=0.1), means=means, data=planted_data(), progress=False)
+    assert not ok.failed and ok.metrics["all_ablated_val"]["loss"] > ok.target_loss
 
 
 def test_random_weights_control_keeps_the_weight_sparsity():
