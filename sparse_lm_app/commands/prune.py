@@ -35,7 +35,7 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=None, help="task name or .jsonl file (default: the config's task)")
     p.add_argument("--target-loss", default=None,
                    help="target task loss in nats (0.15), or relative:+MARGIN (the model's own loss + MARGIN; its own "
-                        "loss is the larger of its test and validation loss)")
+                        "loss is its validation loss)")
     p.add_argument("--relative-margin", type=float, default=None,
                    help="target = the model's own loss + this margin (same as --target-loss relative:+M)")
     p.add_argument("--method", choices=["learned", "attribution"], default=None, help="pruning method")

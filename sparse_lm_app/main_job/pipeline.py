@@ -1,6 +1,6 @@
 """The main job: from the embedded corpus to trained models, circuits, bridges and a report.
 
-    python -m sparse_lm_app.main_job [--quick] [--preset tiny|paper-1x|debug|smollm2] [--name NAME] [--out runs]
+    python -m sparse_lm_app.main_job [--quick] [--preset tiny|long|paper-1x|debug|smollm2] [--name NAME] [--out runs]
                                      [--nproc N] [--redo STAGE ...] [--print] [STAGE.KEY=VALUE ...]
 
 The default is the `tiny` plan (`tiny` sparse, `tiny-dense` dense), sized for a 2-core CPU;
@@ -166,8 +166,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="override one stage's config, e.g. sparse.train.steps=800 prune.steps=100")
     ap.add_argument("--quick", action="store_true", help="the same stages at toy size (= --preset debug)")
     ap.add_argument("--preset", default="tiny", choices=sorted(PLANS),
-                    help="tiny (2-core CPU, the default), paper-1x (GPUs), debug (toy size, a few minutes) or "
-                         "smollm2 (a sparse model bridged to the pretrained SmolLM2-135M, ~2 h on a 2-core CPU)")
+                    help="tiny (2-core CPU, the default), long (tiny's model trained 3.75x longer on the standard "
+                         "library plus site-packages, ~4 h), paper-1x (GPUs), debug (toy size, a few minutes) or "
+                         "smollm2 (a sparse model bridged to the pretrained SmolLM2-135M, ~1.5 h on a 2-core CPU)")
     ap.add_argument("--name", default=None,
                     help="run folder name under --out (default: default, quick, or the preset's name)")
     ap.add_argument("--out", default="runs")
