@@ -149,3 +149,37 @@ def test_fused_projections_split_as_the_model_splits_them():
     assert sorted(k_ch[q_ch == 6].tolist()) == [2]  # dim 2 is not turned: only itself
     sites = sites_of(phi)
     assert [sites.width(f"0.attn.{n}") for n in "qkv"] == [16, 8, 8]
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_qk_pairs_are_the_channels_that_meet_in_the_attention_score(model_type):
+    """A query channel a and a key channel b are listed as a q-k pair exactly when they meet in the score:
+    with q = e_a at every position and k = +-(position + 1) e_b, the attention is uniform (as with q = 0) unless
+    a and b are in the same head and the same or rotary-partner dimension (the key's sign alternates, so the
+    per-head norms of Qwen3 keep it non-uniform). Checks every (a, b) of layer 0
+    against the model itself (rotate-half, neighbouring pairs, partial rotary, grouped-query heads)."""
+    model = _tiny(model_type)
+    sites = sites_of(model)
+    q_ch, k_ch = layer_weights(model, 0).qk_pairs
+    dq, dk = sites.width("0.attn.q"), sites.width("0.attn.k")
+    T = 6
+    ids = torch.randint(0, VOCAB, (dk, T), generator=torch.Generator().manual_seed(7))
+    keys = torch.zeros(dk, T, dk)
+    # row b: (-1)^t (t + 1) e_b; the sign survives the per-head key norms of Qwen3 and Gemma 3, the size does not
+    t = torch.arange(T, dtype=torch.float)
+    keys[torch.arange(dk), :, torch.arange(dk)] = (1 - 2 * (t % 2)) * (t + 1)
+
+    def attn_out(q: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), sites.replace({"0.attn.q": lambda h: q.expand_as(h), "0.attn.k": lambda h: keys}), \
+                sites.record(["0.attn.resid_delta"]) as acts:
+            model(input_ids=ids)
+        return acts["0.attn.resid_delta"]
+
+    uniform = attn_out(torch.zeros(dq))
+    for a in range(dq):
+        e_a = torch.zeros(dq)
+        e_a[a] = 3.0
+        moved = (attn_out(e_a) - uniform).abs().amax(dim=(1, 2)) > 1e-5  # (dk,): key channel b changed it
+        listed = torch.zeros(dk, dtype=torch.bool)
+        listed[k_ch[q_ch == a]] = True
+        assert torch.equal(moved, listed), (a, moved.nonzero().flatten().tolist(), listed.nonzero().flatten().tolist())
