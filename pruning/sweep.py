@@ -125,11 +125,17 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(model_dir: str, threads: int) -> None:
+    import multiprocessing as mp
+
     import torch
 
     from sparse_lm.loading import load_model_and_tokenizer
 
     torch.set_num_threads(max(1, threads))
+    if mp.parent_process() is not None:  # a worker process: its bars would interleave with the parent's output
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     _WORKER["model"], _WORKER["tokenizer"] = load_model_and_tokenizer(model_dir)
     _WORKER["model_dir"] = model_dir
     # In-process sweeps (one worker) reuse this dict: the previous model's task data and means must go.
