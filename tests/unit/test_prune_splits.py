@@ -118,12 +118,14 @@ def test_a_target_the_empty_circuit_meets_gives_no_circuit(planted):  # noqa: F8
     assert "is met by the empty circuit" in circuit.reason, circuit.reason
     empty = circuit.metrics["all_ablated_val"]["loss"]
     assert empty <= circuit.target_loss and empty > circuit.metrics["full_model_val"]["loss"]
-    anyway = prune(model, None, planted_cfg(relative_margin=5.0, min_accuracy=0.0), means=means, data=planted_data(),
-                   progress=False)
-    assert not anyway.failed, anyway.reason
-    # a target under the empty circuit's loss is pruned as before
-    ok = prune(model, None, planted_cfg(relative_margin=0.1), means=means, data=planted_data(), progress=False)
-    assert not ok.failed and ok.metrics["all_ablated_val"]["loss"] > ok.target_loss
+    # (a few mask steps: what is checked is decided before the masks train)
+    anyway = prune(model, None, planted_cfg(relative_margin=5.0, min_accuracy=0.0, steps=5), means=means,
+                   data=planted_data(), progress=False, measure=False, faithfulness=False)
+    assert "empty circuit" not in (anyway.reason or "")
+    # a target under the empty circuit's loss goes on to the masks
+    ok = prune(model, None, planted_cfg(relative_margin=0.1, steps=5), means=means, data=planted_data(),
+               progress=False, measure=False, faithfulness=False)
+    assert "empty circuit" not in (ok.reason or "") and ok.metrics["all_ablated_val"]["loss"] > ok.target_loss
 
 
 def test_random_weights_control_keeps_the_weight_sparsity():

@@ -243,6 +243,7 @@ def sentencepiece_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+@pytest.mark.slow  # ~10 s: trains a tokenizer; the contract itself is unit-tested above on both byte-level splits
 def test_showcase_tasks_resolve_on_a_sentencepiece_style_tokenizer(sentencepiece_tokenizer):
     """The quote and bracket tasks resolve where spaces are "▁" pieces, and every prompt keeps the contract;
     a task this tokenizer cannot express fails with TaskTokenizationError, nothing else (set_or_string
