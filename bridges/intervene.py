@@ -251,7 +251,7 @@ def _effect(delta_p: Sequence[float], control_mean: Sequence[float], control_sd:
 def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] = DEFAULT_ALPHAS, n_channels: int = 8,
               n_controls: int = 8, split: str = "test", select_split: str = "train", n_examples: int = 256,
               seed: int = 0, check_model: bool = True, eval_task=None, select_by: str = "effect",
-              dense_single: bool = False) -> dict:
+              dense_single: bool = False, max_scored: int | None = 64) -> dict:
     """Run the sweep (see the module docstring); returns the JSON-able result.
 
     ``eval_task`` (default `task`) gives the ``split`` prompts ΔP is measured on, e.g. the same
@@ -304,6 +304,14 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
     def separation(c: Candidate) -> float:
         m = means[c.bridge_site]  # (2, d_sparse)
         return abs(float(m[1, c.channel] - m[0, c.channel]))
+
+    # A circuit of thousands of nodes has thousands of residual channels, and scoring one by its effect costs a
+    # forward pass over the selection prompts: only the `max_scored` that separate the families most, relative
+    # to the typical separation at their site (so no site wins by the scale of its residual), are scored.
+    n_candidates = len(cands)
+    if max_scored is not None and select_by != "separation" and n_candidates > max_scored:
+        spread = {site: float((m[1] - m[0]).float().pow(2).mean().sqrt()) or 1.0 for site, m in means.items()}
+        cands = sorted(cands, key=lambda c: separation(c) / spread[c.bridge_site], reverse=True)[:max_scored]
 
     sel_toward = (1 - 2 * sel_batch.family.cpu()).float()[:, None]  # (B_sel, 1), as `toward` below
     sel_family = sel_batch.family.cpu()
@@ -445,6 +453,8 @@ def intervene(pair, tokenizer, task, circuit: dict, *, alphas: Sequence[float] =
         "circuit_failed": (circuit.get("reason") or True) if circuit.get("failed") else False,
         "model_fingerprint": fingerprint,
         "select_by": select_by,
+        "candidates_total": n_candidates,
+        "candidates_scored": len(cands),
         "candidates": [{"bridge_site": c.bridge_site, "channel": c.channel, "node_sites": list(c.node_sites),
                         "separation": separation(c),
                         **({"sparse_effect": effect(c)} if select_by == "effect" else {}),

@@ -164,6 +164,11 @@ def test_the_channel_is_chosen_by_what_it_does_to_the_sparse_model_not_by_how_fa
     assert abs(by_separation["single"]["sparse"]["delta_p"][1]) < 0.05
     effects = {c["channel"]: c["sparse_effect"] for c in by_effect["candidates"] if c["bridge_site"] == "final_resid"}
     assert effects[C] > 0.3 > abs(effects[WEAK[0]])
+    assert by_effect["candidates_scored"] == by_effect["candidates_total"] > 2  # under the default cap: all scored
+    # capped to the single most separated channel, only the decoy is scored, and chosen: what the cap risks
+    capped = intervene(decoy, tok, TASK, circuit, max_scored=1, **kw)
+    assert (capped["candidates_scored"], capped["candidates_total"]) == (1, by_effect["candidates_total"])
+    assert capped["single"]["channel"]["channels"] == [WEAK[0]]
 
 
 def test_selection_by_the_dense_effect_moves_the_channel_the_bridge_carries(planted):
