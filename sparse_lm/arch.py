@@ -22,9 +22,9 @@ outputs are added together. ``resid_mid`` is still the block's input plus the
 attention's write, a sum the residual stream passes through on its way out, but the
 MLP does not read it: ``mlp.act_in`` is the MLP's norm of ``resid_in``, and writing
 ``resid_mid`` changes what the next block reads, not what this MLP reads
-(`is_parallel`). GPT-J and Phi give both branches one norm (``shared_norm``): the two
-``act_in`` sites are then the inputs of the attention and of the MLP, so writing one
-leaves the other branch alone.
+(`is_parallel`). GPT-J and Phi give both branches one norm (``norm1 == norm2``,
+`Arch.shared_norm`): the two ``act_in`` sites are then the inputs of the attention and
+of the MLP, so writing one leaves the other branch alone.
 
 SparseGPT (``sparse_gpt``) is listed too: it has its own named sites
 (``native_sites``), but its weights, head, context and depth are read the
@@ -98,11 +98,14 @@ class Arch:
     # (config) -> whether attention and MLP read the same block input (True) or one after the other;
     # None: always one after the other
     parallel: Callable[[object], bool] | None = None
-    # one norm feeds both branches (norm1 == norm2): the act_in sites hook the inputs of attn and mlp
-    shared_norm: bool = False
+
+    @property
+    def shared_norm(self) -> bool:
+        """One norm feeds both branches (GPT-J, Phi): the act_in sites hook the inputs of attn and mlp."""
+        return self.norm1 == self.norm2
 
 
-OPTIONAL_FIELDS = ("native_sites", "qkv_widths", "qkv_order", "parallel", "shared_norm")
+OPTIONAL_FIELDS = ("native_sites", "qkv_widths", "qkv_order", "parallel")
 
 
 # ---------------------------------------------------------------------------- weight maps
@@ -364,14 +367,14 @@ GPTJ = Arch(model_type="gptj", blocks="transformer.h", final_norm="transformer.l
             norm2="ln_1", mlp="mlp", post_act=("mlp.fc_out", "input"),
             qkv=("attn.q_proj", "attn.k_proj", "attn.v_proj"), weights=_gptj_layer, head=_head_gpt2,
             context_key="n_positions", layers_key="n_layer", attn_out="attn", mlp_out="mlp",
-            parallel=lambda cfg: True, shared_norm=True)
+            parallel=lambda cfg: True)
 # Phi-1, 1.5 and 2: GPT-J's block (one LayerNorm, parallel branches) with Llama's paths, a partial rotary
 # embedding (rotate-half) and a final LayerNorm named final_layernorm.
 PHI = Arch(model_type="phi", blocks="model.layers", final_norm="model.final_layernorm", norm1="input_layernorm",
            attn="self_attn", norm2="input_layernorm", mlp="mlp", post_act=("mlp.fc2", "input"),
            qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), weights=_phi_layer, head=_head_phi,
            context_key="max_position_embeddings", layers_key="num_hidden_layers", attn_out="self_attn",
-           mlp_out="mlp", parallel=lambda cfg: True, shared_norm=True)
+           mlp_out="mlp", parallel=lambda cfg: True)
 # A tracr-compiled transformer (`pruning.groundtruth.torch_model`) copies SparseGPT's module layout and site
 # names (identity norms without a gain: gains of 1), so SparseGPT's weight map and head read it unchanged.
 TRACR = replace(SPARSE_GPT, model_type="tracr")
