@@ -55,8 +55,9 @@ class PruneConfig:
     )
     collapse_retries: int = field(
         2, "when the masked task loss collapses toward chance (k_coef too strong for this model: every node "
-        "closes at once), train the masks again with k_coef / 3 and the next seed, up to this many times (0: never; a sweep uses "
-        "0 so that CARBS sees the collapse)"
+        "closes at once), or the masks settle above the target (the circuit needs more than 2x + 10 the nodes they "
+        "left open), train the masks again with k_coef / 3 and the next seed, up to this many times in all, keeping "
+        "the smallest circuit (0: never; a sweep uses 0 so that CARBS sees what its k_coef does)"
     )
     weight_decay: float = field(0.0, "Adam (L2) weight decay of tau, pulling it toward 0")
     beta2: float = field(0.99, "Adam beta2 (beta1 is 0.9)")

@@ -14,7 +14,10 @@ too strong for another (a dense model spreads the task over many weakly
 important channels, and every node closes at once): when the masked task loss
 stays near chance, the masks are trained again with k_coef / 3 and a new seed
 (``collapse_retries``; a sweep turns the retries off and ends a collapsed run there,
-``stop_collapsed``).
+``stop_collapsed``). The same budget retries masks that *settled above* the target
+(the circuit needed more than twice the nodes they left open, plus 10: their loss
+hovered above the target without nearing chance, and the order past the open set
+is a guess); the smallest circuit of the attempts is kept.
 
 Then the nodes are ordered by tau (equal taus, common at the clamp, by a
 running average of how much each node's mask lowered the task loss) and the
@@ -59,6 +62,7 @@ accuracy) are in `pruning.forward`.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -543,6 +547,7 @@ def prune(
         except PruneError as e:
             return s.fail(str(e))
         count = _search_count(s, order, hint)
+        order, scores, tau, count = _retry_if_settled_above(s, order, scores, tau, hint, count)
         if count is None:  # cannot happen when the full model meets the target; kept for non-monotone surprises
             return s.fail("no node count reaches the target on the validation split", timed=False)
         s.circuit.order_and_count = (order.tolist(), int(count))
@@ -661,7 +666,8 @@ def _order_nodes(s: _Search) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
             scores = _attribution(s)
             order, tau, hint = order_nodes(scores), None, None
     finally:  # a failed search (a collapse in a sweep) records its time too
-        s.seconds["optimise" if s.cfg.method == "learned" else "attribution"] = time.perf_counter() - t1
+        key = "optimise" if s.cfg.method == "learned" else "attribution"
+        s.seconds[key] = s.seconds.get(key, 0.0) + time.perf_counter() - t1  # summed over retries
     return order, scores, tau, hint
 
 
@@ -699,6 +705,49 @@ def _learn_masks(s: _Search) -> tuple[torch.Tensor, torch.Tensor]:
     return tau, importance
 
 
+def _settled_above(hint: int | None, count: int | None) -> bool:
+    """The masks closed too much: the circuit needed far more nodes than they left open (past the open set the
+    order is a guess, and such a circuit ends near the whole model)."""
+    return hint is not None and count is not None and count > 2 * hint + 10
+
+
+def _retry_if_settled_above(s: _Search, order: torch.Tensor, scores: torch.Tensor, tau: torch.Tensor | None,
+                            hint: int | None, count: int | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor | None, int | None]:
+    """Masks that settled above the target are trained again with k_coef / 3 and the next seed, as after a
+    collapse and from the same retry budget (none in a sweep: CARBS must see what its k_coef does); the smallest
+    circuit found wins, and every attempt is recorded in ``search["settled_above"]``.
+
+    A k_coef tuned on one model (the sweep's, on the sparse model before its bridges) can close a near relative
+    too far: its masked train loss hovers just above the target, never near chance, so no collapse is seen, and
+    the bisection then walks an arbitrary order up to almost every node."""
+    left = s.cfg.collapse_retries - len(s.circuit.search.get("collapses", []))
+    if s.cfg.method != "learned" or not _settled_above(hint, count) or left <= 0:
+        return order, scores, tau, count
+    search = s.circuit.search
+    attempts = [{"k_coef": search["k_coef"], "seed": search["seed"], "open_at_end": hint, "nodes": count}]
+    best = (count, order, scores, tau, copy.deepcopy(search))
+    for _ in range(left):
+        k_coef, seed = search["k_coef"] / COLLAPSE_K_FACTOR, search["seed"] + 1
+        if s.progress:
+            print(f"the masks left {hint} nodes open but the circuit needed {count}; again with k_coef {k_coef:g}, "
+                  f"seed {seed}", flush=True)
+        # No collapse detection in the retry (collapse_retries=0, not failing): it is the weaker pressure's turn.
+        s.cfg = replace(s.cfg, k_coef=k_coef, seed=seed, collapse_retries=0)
+        for key in ("warning", "open_at_end", "collapses"):
+            search.pop(key, None)
+        order, scores, tau, hint = _order_nodes(s)
+        count = _search_count(s, order, hint)
+        attempts.append({"k_coef": k_coef, "seed": seed, "open_at_end": hint, "nodes": count})
+        if count is not None and (best[0] is None or count < best[0]):
+            best = (count, order, scores, tau, copy.deepcopy(search))
+        if not _settled_above(hint, count):
+            break
+    count, order, scores, tau, kept_search = best
+    s.circuit.search = {**kept_search, "settled_above": attempts}
+    return order, scores, tau, count
+
+
 def _search_count(s: _Search, order: torch.Tensor, hint: int | None) -> int | None:
     """The fewest nodes (in `order`) whose circuit reaches the target on the validation split."""
     t1 = time.perf_counter()
@@ -717,7 +766,7 @@ def _search_count(s: _Search, order: torch.Tensor, hint: int | None) -> int | No
                 f"the masks left {hint} nodes open but the circuit needed {count}: past the open nodes the "
                 f"order is only a guess, so the sparsity pressure was too strong for this model (lower k_coef, "
                 f"now {search.get('k_coef', s.cfg.k_coef):g})")
-    s.seconds["bisection"] = time.perf_counter() - t1
+    s.seconds["bisection"] = s.seconds.get("bisection", 0.0) + time.perf_counter() - t1
     return count
 
 

@@ -365,6 +365,31 @@ def test_collapsed_masks_are_trained_again_with_a_weaker_k_coef_and_a_new_seed(p
     assert not kept.failed and [n.id for n in kept.nodes] == [n.id for n in fine.nodes]
 
 
+def test_masks_that_settle_above_the_target_are_trained_again_weaker(planted, monkeypatch):
+    """k_coef 0.006 closes the planted model's masks down to 14 nodes whose loss hovers above the target; the
+    order past them is a guess, and the bisection walks it to 88 of 104 nodes. The collapse detector (which on
+    this toy model would fire first) is turned off, so only the later check can catch it."""
+    from pruning import pruner
+
+    model, _, means, _ = planted
+    monkeypatch.setattr(pruner, "COLLAPSE_MIN_GAP", 10.0)  # no model is that far from chance: no collapse check
+    once = prune(model, None, planted_cfg(k_coef=0.006, collapse_retries=0), means=means, data=planted_data(),
+                 progress=False)
+    assert once.num_nodes > 2 * once.search["open_at_end"] + 10 and "warning" in once.search
+    assert "settled_above" not in once.search  # no retries: a sweep's CARBS sees what its k_coef did
+    again = prune(model, None, planted_cfg(k_coef=0.006, collapse_retries=2), means=means, data=planted_data(),
+                  progress=False)
+    tries = again.search["settled_above"]
+    assert tries[0] == {"k_coef": 0.006, "seed": 0, "open_at_end": once.search["open_at_end"],
+                        "nodes": once.num_nodes}
+    assert tries[1]["k_coef"] == pytest.approx(0.002) and tries[1]["seed"] == 1
+    # the retry is kept: a circuit inside the planted one, meeting the target, without the warning
+    assert again.num_nodes == min(t["nodes"] for t in tries) <= len(PLANTED)
+    assert {(n.site, n.channel) for n in again.nodes} <= PLANTED
+    assert again.search["k_coef"] == pytest.approx(0.002) and "warning" not in again.search
+    assert again.verification["keeps_target_val"] and again.hyperparameters["k_coef"] == 0.006
+
+
 def test_attribution_runs_and_gives_a_circuit(planted):
     model, _, means, _ = planted
     circuit = prune(model, None, planted_cfg(method="attribution"), means=means, data=planted_data(), progress=False)
