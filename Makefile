@@ -41,13 +41,19 @@ demo: $(STAMP)
 
 ## the whole test suite (slow end-to-end tests included; `make test-fast` skips them)
 # lint-imports first: the layer contract of pyproject.toml ([tool.importlinter]) holds before any test runs.
+# Two pytest workers (pytest-xdist), one per core: most tests are single-threaded Python and torch on small
+# tensors, so one process leaves a core idle. Whole files go to one worker (--dist loadfile) so their module
+# fixtures (trained models, tokenizers) are built once. TESTS_PARALLEL=0 runs them in one process.
+TESTS_PARALLEL ?= 2
+PYTEST_WORKERS := $(if $(filter 0 1,$(TESTS_PARALLEL)),,-n $(TESTS_PARALLEL) --dist loadfile)
+
 test: $(STAMP) chromium
 	$(BIN)/lint-imports --cache-dir .cache/import_linter
-	$(BIN)/python -m pytest -q -ra $(ARGS)
+	$(BIN)/python -m pytest -q -ra $(PYTEST_WORKERS) $(ARGS)
 
 test-fast: $(STAMP) chromium
 	$(BIN)/lint-imports --cache-dir .cache/import_linter
-	$(BIN)/python -m pytest -q -ra -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_WORKERS) $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py $(ARGS)
