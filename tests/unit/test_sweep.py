@@ -230,3 +230,44 @@ def test_stop_collapsed_reaches_each_run_and_is_on_by_default(model_dir, tmp_pat
     cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=2", f"stop_collapsed={str(stop).lower()}"])
     Sweep(cfg, str(model_dir), tmp_path).run(progress=False)
     assert seen == [stop, stop]
+
+
+def test_a_repeated_suggestion_is_answered_by_its_twin_which_a_rerun_would_equal(model_dir, tmp_path, monkeypatch):
+    """CARBS re-suggests its best point (6 of the main job's 48 runs on 2026-12-03): such a suggestion is
+    answered from the finished run with the same values, because a run is a deterministic function of them."""
+    import pruning.sweep as sweep_module
+
+    real_run_one, runs = sweep_module._run_one, []
+
+    def counted(prune_cfg, out_dir, stop_collapsed=False):
+        runs.append(prune_cfg)
+        return real_run_one(prune_cfg, out_dir, stop_collapsed)
+
+    monkeypatch.setattr(sweep_module, "_run_one", counted)
+    cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=3"])
+    sweep = Sweep(cfg, str(model_dir), tmp_path)
+    real_suggest, given = sweep.carbs.suggest, []
+
+    def suggest_the_first_again():
+        out = real_suggest()
+        if len(given) == 2:  # the third suggestion: the first one's values, under its own uuid
+            out.suggestion.update({k: given[0][k] for k in sweep_module.SEARCHED})
+        given.append(dict(out.suggestion))
+        return out
+
+    monkeypatch.setattr(sweep.carbs, "suggest", suggest_the_first_again)
+    sweep.run(progress=False)
+    rows = sweep.results
+    assert len(runs) == 2 and len(rows) == 3  # three observations, two pruning runs
+    assert rows[2]["repeat_of"] == 0 and "repeat_of" not in rows[0] and rows[2]["seconds"] == 0.0
+    for key in ("failed", "objective", "num_nodes", "num_edges", "val_loss", "carbs_output"):
+        assert rows[2][key] == rows[0][key], key
+    assert sweep.carbs.observation_count == 3  # CARBS saw all three
+    # what justifies it: the same settings pruned again give exactly the same circuit
+    again = real_run_one(runs[0], str(tmp_path / "again"))["circuit"]
+    assert again["num_nodes"] == rows[0]["num_nodes"] and again["num_edges"] == rows[0]["num_edges"]
+    from pruning.circuit import validation_loss
+    assert validation_loss(again) == rows[0]["val_loss"]
+    # a resumed sweep answers from the rows it reloads (the state holds the twin)
+    resumed = Sweep(cfg, str(model_dir), tmp_path)
+    assert resumed._finished_twin(given[0])["iteration"] == 0
