@@ -761,7 +761,7 @@ def _search_count(s: _Search, order: torch.Tensor, hint: int | None) -> int | No
     search["bisection"] = trail
     if hint is not None:
         search["open_at_end"] = hint
-        if count is not None and count > 2 * hint + 10:
+        if _settled_above(hint, count):
             search["warning"] = (
                 f"the masks left {hint} nodes open but the circuit needed {count}: past the open nodes the "
                 f"order is only a guess, so the sparsity pressure was too strong for this model (lower k_coef, "
