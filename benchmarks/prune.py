@@ -1,7 +1,7 @@
 """Seconds per mask step, per mean-activation pass, per pruning run and per CARBS suggestion.
 
     .venv/bin/python benchmarks/prune.py [--shapes tiny] [--precisions bf16 fp32 bf16-autocast]
-                                         [--paths today fast] [--batch 64] [--threads N] [--no-means]
+                                         [--paths today fast fast-torchgate] [--batch 64] [--threads N] [--no-means]
                                          [--full --steps 100] [--tokenizer DIR] [--json out.json]
 
 Models are SparseGPTs of the preset shapes with random weights, each block
@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: busy-waiting threads distort timings
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -62,8 +63,11 @@ def sparse_model(shape: str, tok):
 # "fast" the default now (least-padding chunks, the last block trimmed to the last positions, the other blocks
 # with flash attention for the frozen sink and unstrided bf16 q/k/v casts, fused ablation with the closed
 # part made once per mask and all-open sites passed through).
+# "fast-torchgate" is "fast" with the ablation's backward in four torch passes instead of the compiled
+# one-pass op (`sparse_lm.topk.gate_backward`), the default before 2026-12-03.
 PATHS = {"today": {"fused": False, "trim": False, "min_padding": False},
-         "fast": {"fused": True, "trim": True, "min_padding": True}}
+         "fast": {"fused": True, "trim": True, "min_padding": True},
+         "fast-torchgate": {"fused": True, "trim": True, "min_padding": True, "torch_gate": True}}
 
 
 def bench_mask_step(shape: str, tok, precisions: list[str], paths: tuple[str, ...] = tuple(PATHS), batch: int = 64,
@@ -73,6 +77,7 @@ def bench_mask_step(shape: str, tok, precisions: list[str], paths: tuple[str, ..
     from pruning.config import PruneConfig
     from pruning.forward import batch_margins, load_task_data, precision_context, task_loss
     from pruning.graph import NodeIndex
+    from pruning import pruner
     from pruning.pruner import Ablation, heaviside_ste
 
     model = sparse_model(shape, tok)
@@ -91,10 +96,16 @@ def bench_mask_step(shape: str, tok, precisions: list[str], paths: tuple[str, ..
         mask = heaviside_ste(tau, 1.0)
         ablation = ablations[path]
         ablation.set(mask)
-        with ablation.installed(all_sites=True):
-            margin = batch_margins(model, mb, chunk_tokens=cfg.chunk_tokens, trim=PATHS[path]["trim"],
-                                   min_padding=PATHS[path]["min_padding"])[0]
-        (task_loss(margin, mb.family) + 1e-3 * mask.sum()).backward()
+        compiled_gate = pruner.gate_backward
+        if PATHS[path].get("torch_gate"):
+            pruner.gate_backward = functools.partial(compiled_gate, compiled=False)
+        try:
+            with ablation.installed(all_sites=True):
+                margin = batch_margins(model, mb, chunk_tokens=cfg.chunk_tokens, trim=PATHS[path]["trim"],
+                                       min_padding=PATHS[path]["min_padding"])[0]
+            (task_loss(margin, mb.family) + 1e-3 * mask.sum()).backward()
+        finally:
+            pruner.gate_backward = compiled_gate
         grad, tau.grad = tau.grad, None
         return grad
 
@@ -198,7 +209,7 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["bf16", "fp32"],
                     help="mask-step precisions (the pruner's default bf16 first: the baseline of the ratios)")
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS),
-                    help="forward paths of the mask step: today's plain pass and the fast one")
+                    help="forward paths of the mask step: the plain pass (today), the fast one, and the fast one with the ablation backward in torch ops")
     ap.add_argument("--full", action="store_true", help="also whole pruning runs and CARBS suggestions")
     ap.add_argument("--steps", type=int, default=100, help="mask-training steps per --full run (default config: 200)")
     ap.add_argument("--tokenizer", default=None, help="a saved tokenizer folder instead of training one")

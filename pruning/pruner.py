@@ -38,10 +38,10 @@ Speed: ``precision="bf16"`` (the default) runs the frozen model's linear layers
 in bfloat16 with weights cast once per mask training, everything else in float32
 (`pruning.forward.precision_context`); the forward pass trims a SparseGPT's last
 block, pads least and attends through SDPA's flash kernel (`pruning.forward`), and
-the ablation has a hand-written backward and passes all-open sites through
-(`_MeanAblate`). Together 1.6x (batch 64, 2 threads) to 2x (batch 32, 1 thread)
-less CPU time per mask step than the plain pass, same loss and mask gradients up
-to float rounding (benchmarks/prune.py, tests/unit/test_prune_fast_path.py).
+the ablation has a hand-written backward, one compiled pass on CPU, and passes
+all-open sites through (`_MeanAblate`). Together 1.66x (batch 64, 2 threads) less
+CPU time per mask step than the plain pass, same loss and mask gradients up to
+float rounding (benchmarks/prune.py, tests/unit/test_prune_fast_path.py).
 
 Use::
 
@@ -85,6 +85,7 @@ from pruning.means import Means, load_or_compute_means, top_snippets
 from sparse_lm.adapters import sites_of
 from sparse_lm.arch import context_length, n_layers
 from sparse_lm.loading import model_fingerprint
+from sparse_lm.topk import gate_backward
 from tasks.loss import TaskBatch, family_mean
 
 if TYPE_CHECKING:
@@ -134,7 +135,8 @@ class _MeanAblate(torch.autograd.Function):
     """``x * m + mean * (1 - m)`` per channel (x: (..., width); m, mean: (width,)) with a hand-written
     backward: the gradient of x is ``g * m`` and that of m is ``sum over rows of g * (x - mean)``,
     the products autograd's addcmul backward forms too, without its graph of broadcasts, casts and
-    reductions per site (mean carries no gradient).
+    reductions per site (mean carries no gradient); both come from one pass over g and x
+    (`sparse_lm.topk.gate_backward`, a compiled op on CPU in float32).
 
     `closed` is ``mean * (1 - m)``, made once per mask for every site (`Ablation.set`), not once per
     site and chunk. A site whose channels are all open (`is_open`: m is all ones, as for every site
@@ -154,13 +156,13 @@ class _MeanAblate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, m, mean = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad if ctx.is_open else grad * m
-        grad_m = None
-        if ctx.needs_input_grad[1]:
-            g = grad.reshape(-1, grad.shape[-1])  # (rows, width)
-            grad_m = (g * x.reshape(g.shape)).sum(0) - mean * g.sum(0)  # (width,)
+        need_x, need_m = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not need_m:
+            return (grad if ctx.is_open else grad * m) if need_x else None, None, None, None, None
+        # one pass over grad and x for both gradients (the compiled op, where it runs)
+        grad_x, grad_m = gate_backward(grad, x, m, mean, need_grad_x=need_x and not ctx.is_open)
+        if need_x and ctx.is_open:
+            grad_x = grad
         return grad_x, grad_m, None, None, None
 
 

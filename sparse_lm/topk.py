@@ -19,6 +19,10 @@ lowest columns (-0.0 and +0.0 are equal), and so does ``histogram`` on rows of
 >= 512; ``torch`` (and ``histogram`` on narrower rows) keeps whichever
 ``torch.topk`` returns. Apart from ties all paths keep the same set.
 Non-CPU tensors always use ``torch.topk``.
+
+The compiled library also carries :func:`gate_backward`, the backward of a
+per-channel gate ``x * m + c`` in one pass (the pruner's mean ablation); it runs
+where the compiled AbsTopK does, in float32, and falls back to four torch ops.
 """
 
 from __future__ import annotations
@@ -255,6 +259,26 @@ def mask_grad(grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     if ops is not None:
         return ops.mask_apply(grad, keep)
     return _apply_mask(grad, keep)
+
+
+def gate_backward(grad: torch.Tensor, x: torch.Tensor, m: torch.Tensor, mean: torch.Tensor, *,
+                  need_grad_x: bool = True, compiled: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(grad of x, grad of m) for ``y = x * m + c`` with one m per channel (x, grad: (..., width);
+    m, mean: (width,)): ``grad * m`` (None unless `need_grad_x`) and the sum over rows of
+    ``grad * (x - mean)``, which is the gradient of m when c = ``mean * (1 - m)`` (mean ablation).
+
+    The compiled op (float32 on CPU, path as :func:`selection_path`) reads grad and x once; torch
+    needs four full-size passes (``compiled=False`` forces them: the reference). Its sums run in
+    another order than torch's: equal within float32 rounding, not bit for bit.
+    """
+    fp32 = grad.dtype == x.dtype == m.dtype == mean.dtype == torch.float32
+    ops = _use_cpp(x, selection_path()) if compiled and fp32 else None
+    if ops is not None:
+        grad_x, grad_m = ops.gate_backward(grad, x, m, mean, need_grad_x)
+        return (grad_x if need_grad_x else None), grad_m
+    g = grad.reshape(-1, grad.shape[-1])  # (rows, width)
+    grad_m = (g * x.reshape(g.shape)).sum(0) - mean * g.sum(0)  # (width,)
+    return (grad * m if need_grad_x else None), grad_m
 
 
 def topk_rows_mask_fast(score: torch.Tensor, k: int) -> torch.Tensor | None:

@@ -17,6 +17,11 @@
 // kept (-0.0 and +0.0 tie). Rows run in parallel on torch's intra-op thread pool.
 // The hot loops are compiled for AVX-512BW, AVX2 and baseline x86-64 (GCC
 // target_clones picks one at load time), so the cached build runs on any x86-64.
+//
+// The same library carries the backward of a per-channel gate, y = x * m + c (m, c: one value per
+// channel), which the pruner's mean ablation runs at every node site on every mask step: the
+// gradients of x (g * m) and of m (the sum over rows of g * (x - mean)) in one pass over g and x,
+// where torch needs four (two products, two reductions).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -210,10 +215,70 @@ at::Tensor mask_apply(const at::Tensor& g, const at::Tensor& keep) {
   return out;
 }
 
+// Rows [r0, r1) of the gate backward: gx = g * m (when gx is not null), acc += g * (x - mean).
+SLM_CLONES void gate_rows(const float* g, const float* x, const float* m, const float* mean, float* gx,
+                          float* acc, int64_t r0, int64_t r1, int64_t n) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* gr = g + r * n;
+    const float* xr = x + r * n;
+    if (gx) {
+      float* o = gx + r * n;
+      for (int64_t c = 0; c < n; ++c) o[c] = gr[c] * m[c];
+    }
+    for (int64_t c = 0; c < n; ++c) acc[c] += gr[c] * (xr[c] - mean[c]);
+  }
+}
+
+// (grad_x, grad_m) of y = x * m + c per channel (last dim): grad_x = g * m (empty unless need_grad_x),
+// grad_m = sum over rows of g * (x - mean), float32. Sums run in float over blocks of 64 rows, then in
+// double per thread and over threads in a fixed order, so a given thread count gives the same bits.
+std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& m,
+                                                 const at::Tensor& mean, bool need_grad_x) {
+  TORCH_CHECK(grad.device().is_cpu() && x.device().is_cpu() && m.device().is_cpu() && mean.device().is_cpu(),
+              "sparse_lm_abstopk: CPU tensors only");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat &&
+                  mean.scalar_type() == at::kFloat,
+              "sparse_lm_abstopk: gate_backward takes float32 tensors");
+  TORCH_CHECK(grad.sizes() == x.sizes(), "sparse_lm_abstopk: grad ", grad.sizes(), " and x ", x.sizes(),
+              " differ in shape");
+  TORCH_CHECK(x.dim() >= 1 && m.dim() == 1 && mean.dim() == 1 && m.size(0) == x.size(-1) &&
+                  mean.size(0) == x.size(-1),
+              "sparse_lm_abstopk: m and mean must be (width,) for x of width ", x.size(-1));
+  const at::Tensor g = grad.contiguous(), xc = x.contiguous(), mc = m.contiguous(), meanc = mean.contiguous();
+  const int64_t n = xc.size(-1);
+  const int64_t rows = n ? xc.numel() / n : 0;
+  at::Tensor gx = need_grad_x ? at::empty_like(g) : at::empty({0}, g.options());
+  const int threads = std::max(1, at::get_num_threads());
+  std::vector<double> part((size_t)threads * n, 0.0);
+  const float *gp = g.data_ptr<float>(), *xp = xc.data_ptr<float>(), *mp = mc.data_ptr<float>(),
+              *meanp = meanc.data_ptr<float>();
+  float* gxp = need_grad_x ? gx.data_ptr<float>() : nullptr;
+  const int64_t grain = std::max<int64_t>(64, 32768 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    double* acc = part.data() + (size_t)std::min(at::get_thread_num(), threads - 1) * n;
+    std::vector<float> block(n);
+    for (int64_t s = begin; s < end; s += 64) {
+      std::fill(block.begin(), block.end(), 0.f);
+      gate_rows(gp, xp, mp, meanp, gxp, block.data(), s, std::min(end, s + 64), n);
+      for (int64_t c = 0; c < n; ++c) acc[c] += block[c];
+    }
+  });
+  at::Tensor gm = at::empty({n}, mc.options());
+  float* out = gm.data_ptr<float>();
+  for (int64_t c = 0; c < n; ++c) {
+    double total = 0.0;
+    for (int t = 0; t < threads; ++t) total += part[(size_t)t * n + c];
+    out[c] = (float)total;
+  }
+  return {gx, gm};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparse_lm_abstopk, m) {
   m.def("abstopk(Tensor x, int k) -> (Tensor, Tensor)", &abstopk);
   m.def("abstopk_mask(Tensor x, int k) -> Tensor", &abstopk_mask);
   m.def("mask_apply(Tensor g, Tensor keep) -> Tensor", &mask_apply);
+  m.def("gate_backward(Tensor grad, Tensor x, Tensor m, Tensor mean, bool need_grad_x) -> (Tensor, Tensor)",
+        &gate_backward);
 }

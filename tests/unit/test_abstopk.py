@@ -254,3 +254,57 @@ def test_topk_mask_bf16_weights():
     w = torch.randn(64, 32).bfloat16()
     mask = sp.topk_mask(w, 200, [1], 2)
     assert int(mask.sum()) == 200 and (mask.sum(1) >= 2).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 256), (5, 1024), (1, 1, 32), (0, 64)])
+@pytest.mark.parametrize("need_grad_x", [True, False])
+def test_gate_backward_compiled_equals_torch(shape, need_grad_x):
+    """The pruner's ablation backward in one compiled pass gives torch's four-pass gradients."""
+    from sparse_lm.topk import gate_backward
+
+    g = torch.Generator().manual_seed(0)
+    grad, x = torch.randn(shape, generator=g), 3 * torch.randn(shape, generator=g) + 1
+    m, mean = torch.rand(shape[-1], generator=g), torch.randn(shape[-1], generator=g)
+    ref_x, ref_m = gate_backward(grad, x, m, mean, need_grad_x=need_grad_x, compiled=False)
+    got_x, got_m = gate_backward(grad, x, m, mean, need_grad_x=need_grad_x)
+    exact = (grad.double() * (x.double() - mean.double())).reshape(-1, shape[-1]).sum(0)
+    assert got_m.shape == (shape[-1],) and got_m.dtype == torch.float32
+    torch.testing.assert_close(got_m.double(), exact, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_m, ref_m, rtol=1e-5, atol=1e-4)
+    if need_grad_x:
+        assert torch.equal(got_x, ref_x) and torch.equal(got_x, grad * m)
+    else:
+        assert got_x is None and ref_x is None
+
+
+def test_gate_backward_on_strided_inputs_and_other_dtypes():
+    """A transposed grad is read in its logical order; bf16 takes the torch path with its own result."""
+    from sparse_lm.topk import gate_backward
+
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(256, 40, generator=g).t()  # (40, 256), not contiguous
+    x, m, mean = torch.randn(40, 256, generator=g), torch.rand(256, generator=g), torch.randn(256, generator=g)
+    got = gate_backward(grad, x, m, mean)
+    ref = gate_backward(grad.contiguous(), x, m, mean, compiled=False)
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-4)
+    bf = [t.bfloat16() for t in (grad, x, m, mean)]
+    gx, gm = gate_backward(*bf)
+    assert gx.dtype == gm.dtype == torch.bfloat16
+    torch.testing.assert_close(gm.float(), ref[1], rtol=5e-2, atol=0.5)
+
+
+def test_gate_backward_follows_the_path_and_is_deterministic(selection_path):
+    """The compiled op runs on the cpp path (and only there), twice with the same bits; the others are torch's."""
+    from sparse_lm.topk import cpp_ops, gate_backward
+
+    ops = cpp_ops(required=True)
+    g = torch.Generator().manual_seed(2)
+    grad, x = torch.randn(300, 512, generator=g), torch.randn(300, 512, generator=g)
+    m, mean = torch.rand(512, generator=g), torch.randn(512, generator=g)
+    direct = ops.gate_backward(grad, x, m, mean, False)
+    assert direct[0].numel() == 0 and torch.equal(direct[1], ops.gate_backward(grad, x, m, mean, True)[1])
+    got = gate_backward(grad, x, m, mean)[1]
+    reference = gate_backward(grad, x, m, mean, compiled=False)[1]
+    assert torch.equal(got, direct[1] if selection_path == "cpp" else reference)
+    assert not torch.equal(direct[1], reference)  # so the line above tells the two paths apart
