@@ -259,30 +259,44 @@ def fit_calibration(diff: torch.Tensor, family: torch.Tensor, steps: int = 20) -
 
 
 def bisect_count(loss_at: Callable[[int], float], total: int, target: float, *, hint: int | None = None,
-                 known: dict[int, float] | None = None) -> tuple[int | None, list[list[float]]]:
+                 known: dict[int, float] | None = None,
+                 give_up_above: int | None = None) -> tuple[int | None, list[list[float]]]:
     """The smallest count c in [0, total] with loss_at(c) <= target, assuming the loss falls with c.
 
     With a `hint` (the number of nodes the masks left open) the search gallops from
     it by factors of 2 before bisecting, which needs fewer evaluations when the
-    answer is near the hint.
+    answer is near the hint. With `give_up_above`, the search stops as soon as a
+    count above it misses the target (the answer is then larger still).
 
-    Returns (count or None when even `total` misses, [[count, loss], ...] in the order evaluated).
-    The count returned was evaluated and meets the target; count - 1 was evaluated
-    and misses it (or count is 0).
+    Returns (count or None when even `total` misses or the search gave up, [[count, loss], ...]
+    in the order evaluated). The count returned was evaluated and meets the target;
+    count - 1 was evaluated and misses it (or count is 0).
     """
     history: dict[int, float] = {}
     known = dict(known or {})
 
+    class _GiveUp(Exception):
+        pass
+
     def at(c: int) -> float:
         if c not in history:
             history[c] = known[c] if c in known else float(loss_at(c))
+            if give_up_above is not None and c > give_up_above and not history[c] <= target:
+                raise _GiveUp
         return history[c]
 
     trail = lambda: [[c, v] for c, v in history.items()]  # noqa: E731
-    if not at(total) <= target:
+    try:
+        return _bisect(at, total, target, hint), trail()
+    except _GiveUp:
         return None, trail()
+
+
+def _bisect(at: Callable[[int], float], total: int, target: float, hint: int | None) -> int | None:
+    if not at(total) <= target:
+        return None
     if at(0) <= target:
-        return 0, trail()
+        return 0
     lo, hi = 0, total  # invariant: lo misses, hi meets
     if hint is not None and 0 < hint < total:
         # Gallop from the hint (the learned circuit is usually close to it), then bisect.
@@ -304,7 +318,7 @@ def bisect_count(loss_at: Callable[[int], float], total: int, target: float, *, 
             hi = mid
         else:
             lo = mid
-    return hi, trail()
+    return hi
 
 
 def resolve_device(name: str) -> torch.device:
@@ -491,6 +505,7 @@ class _Search:
     target: float = 0.0  # absolute target loss (a relative one resolved)
     full_val: dict[str, float] = field(default_factory=dict)  # the unpruned model on the validation split
     fail_on_collapse: bool = False  # a collapse after the last retry fails the search (a sweep) instead of going on
+    stop_settled_above: bool = False  # the bisection gives up far above the open set (a sweep; `_search_count`)
     measure: bool = True  # measure on test, calibrate and describe the circuit (a sweep's runs: only the best, later)
 
     def margins(self, batch: TaskBatch, mask: torch.Tensor,
@@ -523,6 +538,7 @@ def prune(
     faithfulness: bool = True,
     fail_on_collapse: bool = False,
     measure: bool = True,
+    stop_settled_above: bool = False,
 ) -> Circuit:
     """Find the smallest circuit of `model` for `cfg.task` at the target loss (see the module docstring).
 
@@ -536,10 +552,13 @@ def prune(
     more than a good one); its ``search`` then has
     ``stopped_at_collapse``. ``measure=False`` (a sweep's runs) stops once the circuit is chosen and its nodes
     and edges listed: no test split, no calibration, no per-family means or snippets; `finish_circuit` adds
-    them later, for the one circuit a sweep keeps, as this call would have.
+    them later, for the one circuit a sweep keeps, as this call would have. ``stop_settled_above=True`` (a
+    sweep) fails the search, with ``stopped_settled_above`` in its ``search``, once the bisection finds a count
+    past ``SETTLED_ABOVE_STOP`` times the open set (+ 10) still missing the target: such a circuit ends near the
+    whole model, and the rest of its bisection and its edge listing cost a sweep 1-1.5 minutes of a worker.
     """
     s = _start(model, tokenizer, cfg, means, progress, data=data, model_dir=model_dir, fallback_dir=fallback_dir)
-    s.fail_on_collapse, s.measure = fail_on_collapse, measure
+    s.fail_on_collapse, s.measure, s.stop_settled_above = fail_on_collapse, measure, stop_settled_above
     with frozen(model):
         reason = _check_full_model(s)
         if reason:
@@ -549,6 +568,10 @@ def prune(
         except PruneError as e:
             return s.fail(str(e))
         count = _search_count(s, order, hint)
+        stopped = s.circuit.search.get("stopped_settled_above")
+        if stopped:
+            return s.fail(f"the masks left {hint} nodes open but {stopped['missed_at']} nodes still miss the target "
+                          f"on the validation split: the circuit settled far above the open set (stopped there)")
         order, scores, tau, count = _retry_if_settled_above(s, order, scores, tau, hint, count)
         if count is None:  # cannot happen when the full model meets the target; kept for non-monotone surprises
             return s.fail("no node count reaches the target on the validation split", timed=False)
@@ -707,6 +730,11 @@ def _learn_masks(s: _Search) -> tuple[torch.Tensor, torch.Tensor]:
     return tau, importance
 
 
+# A sweep's bisection gives up when a count past this many times the open set (+ 10) misses the target: twice
+# the margin of `_settled_above`, so a circuit that ends moderately past the open set is still found exactly.
+SETTLED_ABOVE_STOP = 4
+
+
 def _settled_above(hint: int | None, count: int | None) -> bool:
     """The masks closed too much: the circuit needed far more nodes than they left open (past the open set the
     order is a guess, and such a circuit ends near the whole model)."""
@@ -759,8 +787,15 @@ def _search_count(s: _Search, order: torch.Tensor, hint: int | None) -> int | No
         m = s.margins(s.data.val, keep_mask(order, count, total))[0]
         return loss_and_accuracy(m, s.data.val.family)["loss"]
 
-    count, trail = bisect_count(val_loss, total, s.target, hint=hint, known={total: s.full_val["loss"]})
+    # A sweep's run stops once the circuit is sure to have settled far above the open set: CARBS sees the
+    # whole model for it, what such a bisection ends near anyway, without its 10-20 more passes.
+    give_up = SETTLED_ABOVE_STOP * hint + 10 if s.stop_settled_above and hint else None
+    count, trail = bisect_count(val_loss, total, s.target, hint=hint, known={total: s.full_val["loss"]},
+                                give_up_above=give_up)
     search["bisection"] = trail
+    if count is None and give_up is not None:
+        missed = max(c for c, v in trail if c > give_up and not v <= s.target)
+        search["stopped_settled_above"] = {"open_at_end": hint, "missed_at": missed, "give_up_above": give_up}
     if hint is not None:
         search["open_at_end"] = hint
         if _settled_above(hint, count):

@@ -18,7 +18,11 @@ counts them: `pruning.graph`). The protocol (SPEC §5):
   ``edges`` objective), not as a failure: reported as failures, collapses left
   CARBS with 2 circuits in 16 runs on the main job's dense model (README,
   "sparse-lm sweep"). The row records ``collapsed`` and the run is never the
-  best; the best circuit is the smallest that passes;
+  best; the best circuit is the smallest that passes. So is a run whose masks
+  closed too much (``stop_settled_above``, on by default): once its bisection
+  finds a count past 4x the nodes left open (+ 10) still missing the target,
+  the circuit will end near the whole model (past the open set the order is a
+  guess), and the run stops there (row ``settled_above``);
 - the test split is read for the best circuit only: runs stop once their
   circuit is chosen on validation (``prune(measure=False)``: no test metrics,
   calibration or snippets), and the kept circuit is measured at the end
@@ -77,8 +81,9 @@ from sparse_lm.plots import save_png
 STATE_FILE = "sweep_state.json"
 BEST_ORDER_FILE = "best_order.json"  # the best run's circuit and node order, measured at the end (`_finish_best`)
 # Version of the sweep protocol stored in the state: a state from another protocol (e.g. costs in
-# seconds, failures judged on test, collapses observed as failures) must not be continued.
-PROTOCOL = "sweep-protocol/3"
+# seconds, failures judged on test, collapses observed as failures, settled-above runs bisected to the end) must
+# not be continued.
+PROTOCOL = "sweep-protocol/4"
 
 
 @dataclasses.dataclass
@@ -95,6 +100,10 @@ class SweepConfig:
         "the masked task loss past 3/4 of the way from the model's own loss to chance) there, instead of finishing "
         "the steps and bisecting an order the masks never learned (such runs end near the whole model); CARBS "
         "observes it as a circuit of the whole model, the run is never the best")
+    stop_settled_above: bool = field(
+        True, "end a run whose bisection finds a count past 4 x the nodes its masks left open (+ 10) still missing "
+        "the target (the masks closed too much; past the open set the order is a guess and the circuit ends near "
+        "the whole model): CARBS observes it as a circuit of the whole model, the run is never the best")
     # (cost is not configurable: mask steps, see the module docstring)
 
     def validate(self) -> None:
@@ -149,7 +158,7 @@ def _init_worker(model_dir: str, threads: int) -> None:
     _WORKER.pop("inputs_key", None)
 
 
-def _run_one(prune_cfg: dict, out_dir: str, stop_collapsed: bool = False) -> dict:
+def _run_one(prune_cfg: dict, out_dir: str, stop_collapsed: bool = False, stop_settled_above: bool = False) -> dict:
     from pruning.pruner import prepare_inputs, prune
 
     # No retries with a smaller k_coef: CARBS must see what its k_coef does.
@@ -166,7 +175,7 @@ def _run_one(prune_cfg: dict, out_dir: str, stop_collapsed: bool = False) -> dic
     # keeps gets them, at the end (`_finish_best`).
     circuit = prune(_WORKER["model"], _WORKER["tokenizer"], cfg, progress=False, data=data, means=means,
                     model_dir=_WORKER["model_dir"], fallback_dir=out_dir, faithfulness=False,
-                    fail_on_collapse=stop_collapsed, measure=False)
+                    fail_on_collapse=stop_collapsed, measure=False, stop_settled_above=stop_settled_above)
     return {"circuit": circuit.to_json(), "order_and_count": circuit.order_and_count,
             "seconds": time.perf_counter() - t0}
 
@@ -185,6 +194,11 @@ def _finish_one(model_dir: str, prune_cfg: dict, circuit: dict, order_and_count:
 
 
 # -- the sweep --------------------------------------------------------------------------
+
+
+def _stopped(row: dict) -> bool:
+    """A run ended early (a collapse, or a circuit settled far above its open set) that CARBS saw as the whole model."""
+    return bool(row.get("collapsed") or row.get("settled_above"))
 
 
 class Sweep:
@@ -228,16 +242,21 @@ class Sweep:
         c = result["circuit"]
         objective, failed = sweep_outcome(c, self.cfg.objective)  # judged on the validation split
         cost = run_cost(self.cfg.prune)
-        # A run stopped at a collapse would have ended near the whole model: CARBS sees that circuit.
-        collapsed = bool(c.get("failed") and (c.get("search") or {}).get("stopped_at_collapse"))
-        seen = self._whole_model_size(c) if collapsed else (objective if not failed else 0.0)
+        # A run stopped at a collapse, or once its circuit settled far above its open set, would have ended near
+        # the whole model: CARBS sees that circuit.
+        search = c.get("search") or {}
+        collapsed = bool(c.get("failed") and search.get("stopped_at_collapse"))
+        settled = bool(c.get("failed") and search.get("stopped_settled_above"))
+        stopped = collapsed or settled
+        seen = self._whole_model_size(c) if stopped else (objective if not failed else 0.0)
         self.carbs.observe(ObservationInParam(input=suggestion, output=seen, cost=cost,
-                                              is_failure=failed and not collapsed))
+                                              is_failure=failed and not stopped))
         reason = c.get("reason") or ""
         if failed and not c.get("failed"):
             reason = f"validation loss {validation_loss(c)} misses the target {c.get('target_loss')}"
         row = {"iteration": iteration, "params": {k: suggestion[k] for k in SEARCHED}, "failed": failed,
-               "collapsed": collapsed, "carbs_output": seen if not (failed and not collapsed) else None,
+               "collapsed": collapsed, "settled_above": settled,
+               "carbs_output": seen if not (failed and not stopped) else None,
                "objective": objective if not failed else None, "num_nodes": c.get("num_nodes"),
                "num_edges": c.get("num_edges"), "num_edges_all_links": c.get("num_edges_all_links"),
                "edges_by_type": c.get("edges_by_type"), "reason": reason, "cost": cost,
@@ -260,7 +279,7 @@ class Sweep:
 
     def _observe_repeat(self, iteration: int, suggestion: dict, twin: dict) -> dict:
         """A repeated suggestion, answered with its twin's outcome (CARBS sees what the run would give)."""
-        failure = twin["failed"] and not twin.get("collapsed")
+        failure = twin["failed"] and not _stopped(twin)
         self.carbs.observe(ObservationInParam(input=suggestion, output=0.0 if failure else twin["carbs_output"],
                                               cost=twin["cost"], is_failure=failure))
         row = {**twin, "iteration": iteration, "params": {k: suggestion[k] for k in SEARCHED}, "seconds": 0.0,
@@ -316,9 +335,11 @@ class Sweep:
             for _ in range(todo):
                 s = self.carbs.suggest().suggestion
                 twin = self._finished_twin(s)
-                row = (self._observe_repeat(len(self.results), s, twin) if twin else
-                       self._observe(len(self.results), s, _run_one(self._prune_cfg(s), str(self.out),
-                                                                    self.cfg.stop_collapsed)))
+                if twin:
+                    row = self._observe_repeat(len(self.results), s, twin)
+                else:
+                    row = self._observe(len(self.results), s, _run_one(self._prune_cfg(s), str(self.out),
+                                                                       *self._stops()))
                 self._tick(bar, row)
         else:
             import multiprocessing as mp
@@ -335,7 +356,7 @@ class Sweep:
                             self._tick(bar, self._observe_repeat(launched, s, twin))
                         else:
                             running[pool.submit(_run_one, self._prune_cfg(s), str(self.out),
-                                                self.cfg.stop_collapsed)] = (launched, s)
+                                                *self._stops())] = (launched, s)
                         launched += 1
                     if not running:
                         continue
@@ -348,6 +369,9 @@ class Sweep:
         plot_sweep(self.results, self.out / "sweep.png", self.cfg.objective)
         return self.best()
 
+    def _stops(self) -> tuple[bool, bool]:
+        return self.cfg.stop_collapsed, self.cfg.stop_settled_above
+
     def summary(self) -> dict:
         """What a caller reads after `run`: the best result row (None when every run failed; its
         ``objective``, ``num_nodes``, ``num_edges``, ``edges_by_type``, ``val_loss``, ``test_loss``,
@@ -356,6 +380,7 @@ class Sweep:
         best = self.best()
         return {"best": best, "iterations": len(self.results), "failures": sum(r["failed"] for r in self.results),
                 "collapsed": sum(bool(r.get("collapsed")) for r in self.results),
+                "settled_above": sum(bool(r.get("settled_above")) for r in self.results),
                 "objective": self.cfg.objective, "state_file": str(self.state_path),
                 "circuit": str(self.out / "circuit.json") if best is not None else None,
                 "plot": str(self.out / "sweep.png")}
@@ -397,8 +422,8 @@ def plot_sweep(results: list[dict], png: Path, objective: str) -> None:
     n = 2 + len(SEARCHED)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6))
     good = [r for r in results if not r["failed"]]
-    bad = [r for r in results if r["failed"] and not r.get("collapsed")]
-    collapsed = [r for r in results if r.get("collapsed")]
+    bad = [r for r in results if r["failed"] and not _stopped(r)]
+    collapsed = [r for r in results if _stopped(r)]
     ob = [r["objective"] for r in good]
     top = max(ob) if ob else 1
     ax = axes[0]
@@ -411,7 +436,7 @@ def plot_sweep(results: list[dict], png: Path, objective: str) -> None:
     ax.step([r["iteration"] for r in results], best, where="post", label="best so far")
     ax.plot([r["iteration"] for r in bad], [top] * len(bad), "rx", label="failed (val)")
     ax.plot([r["iteration"] for r in collapsed], [top] * len(collapsed), "v", color="tab:orange",
-            label="collapsed (CARBS: the whole model)")
+            label="collapsed or settled above (CARBS: the whole model)")
     ax.set(xlabel="iteration", ylabel=f"circuit {objective}", title="CARBS search")
     ax.legend(fontsize=8)
     ax = axes[1]

@@ -127,6 +127,8 @@ def build_sections(results: dict[str, dict], run_dir: Path) -> list[tuple[str, s
             tuned = c.get("tuned_by") or "–"
             if c.get("sweep_iterations"):
                 collapsed = f", {c['sweep_collapsed']} of them collapsed" if c.get("sweep_collapsed") else ""
+                if c.get("sweep_settled_above"):
+                    collapsed += f", {c['sweep_settled_above']} settled far above their open nodes"
                 tuned += f" ({c['sweep_iterations']} runs, {c.get('sweep_failures', 0)} failed{collapsed})"
             if c.get("sweep_png") and Path(c["sweep_png"]).exists():
                 sweeps.append(c["sweep_png"])

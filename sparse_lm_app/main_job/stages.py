@@ -290,7 +290,7 @@ def _sweep_circuit(p: Pipeline, base, model_dir: str, out: Path) -> dict:
     sweep.run(progress=False)
     summary = sweep.summary()
     row = {"tuned_by": "carbs", "sweep_iterations": summary["iterations"], "sweep_failures": summary["failures"],
-           "sweep_collapsed": summary["collapsed"],
+           "sweep_collapsed": summary["collapsed"], "sweep_settled_above": summary["settled_above"],
            "sweep_png": summary["plot"]}
     if summary["best"] is None:
         return {**row, "failed": True, "reason": f"no sweep run reached the target on validation in "

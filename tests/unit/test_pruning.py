@@ -194,6 +194,23 @@ def test_bisection_finds_the_smallest_count_on_a_monotone_loss():
     assert bisect_count(loss, 1000, 2.0)[0] == 0
 
 
+def test_bisection_gives_up_only_past_its_bound():
+    """With give_up_above, a count past it that misses ends the search (None); an answer at or under it is
+    still found exactly, and so is one past it whose search never evaluated a miss past the bound."""
+    calls = []
+
+    def loss(c: int) -> float:
+        calls.append(c)
+        return 1.0 / (1 + c)  # <= 0.1 from c = 9 on
+
+    count, trail = bisect_count(loss, 1000, 0.1, hint=2, give_up_above=6)  # gallop 2, 4, 8: 8 misses past 6
+    assert count is None and len(calls) <= 5
+    assert any(c > 6 and v > 0.1 for c, v in trail) and all(c <= 8 for c, v in trail if c != 1000)
+    for bound in (9, 10, 40):
+        assert bisect_count(loss, 1000, 0.1, hint=2, give_up_above=bound)[0] == 9
+    assert bisect_count(loss, 1000, 0.1, hint=20, give_up_above=90)[0] == 9  # galloping down: misses under 90
+
+
 def test_calibration_fits_scale_and_shift_of_the_logit_difference():
     g = torch.Generator().manual_seed(0)
     family = torch.arange(400) % 2
@@ -388,6 +405,14 @@ def test_masks_that_settle_above_the_target_are_trained_again_weaker(planted, mo
     assert {(n.site, n.channel) for n in again.nodes} <= PLANTED
     assert again.search["k_coef"] == pytest.approx(0.002) and "warning" not in again.search
     assert again.verification["keeps_target_val"] and again.hyperparameters["k_coef"] == 0.006
+    # a sweep's run stops instead, once a count past 4 x open + 10 misses: fewer passes, and failed
+    stopped = prune(model, None, planted_cfg(k_coef=0.006, collapse_retries=0), means=means, data=planted_data(),
+                    progress=False, stop_settled_above=True)
+    info, hint = stopped.search["stopped_settled_above"], once.search["open_at_end"]
+    assert stopped.failed and "settled far above" in stopped.reason and info["open_at_end"] == hint
+    assert info["give_up_above"] == 4 * hint + 10 < info["missed_at"] < once.num_nodes
+    assert len(stopped.search["bisection"]) < len(once.search["bisection"])
+    assert stopped.search["bisection"] == once.search["bisection"][:len(stopped.search["bisection"])]
 
 
 def test_attribution_runs_and_gives_a_circuit(planted):

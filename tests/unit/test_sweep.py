@@ -120,14 +120,24 @@ def _fake_collapse() -> dict:
     return c.to_json()
 
 
+def _fake_settled_above() -> dict:
+    c = Circuit(model="m", model_type="sparse_gpt", task="t", method="learned", target_loss=0.15, n_layer=1,
+                node_sites=["0.mlp.post_act"], total_nodes=32, failed=True, reason="settled far above")
+    c.search = {"open_at_end": 2, "stopped_settled_above": {"open_at_end": 2, "missed_at": 24, "give_up_above": 18}}
+    return c.to_json()
+
+
+@pytest.mark.parametrize("stopped", ["collapsed", "settled_above"])
 @pytest.mark.parametrize("objective", ["nodes", "edges"])
-def test_a_collapsed_run_is_seen_by_carbs_as_the_whole_model_and_is_never_the_best(model_dir, tmp_path, objective):
+def test_a_stopped_run_is_seen_by_carbs_as_the_whole_model_and_is_never_the_best(model_dir, tmp_path, objective,
+                                                                                   stopped):
     from pruning.graph import NodeIndex, weight_edge_count
     from sparse_lm.loading import load_model_and_tokenizer
 
     cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=3", f"objective={objective}"])
     sweep = Sweep(cfg, str(model_dir), tmp_path)
-    runs = [_fake_circuit(val_loss=0.12, test_loss=0.1, nodes=9, edges=4), _fake_collapse(),
+    runs = [_fake_circuit(val_loss=0.12, test_loss=0.1, nodes=9, edges=4),
+            _fake_collapse() if stopped == "collapsed" else _fake_settled_above(),
             _fake_circuit(val_loss=0.30, test_loss=0.1, nodes=3, edges=1)]  # the last misses the target: a failure
     rows = [sweep._observe(i, sweep.carbs.suggest().suggestion, {"circuit": c, "seconds": 1.0})
             for i, c in enumerate(runs)]
@@ -135,12 +145,17 @@ def test_a_collapsed_run_is_seen_by_carbs_as_the_whole_model_and_is_never_the_be
     index = NodeIndex.build(model, cfg.prune.node_sites)
     whole = 32.0 if objective == "nodes" else float(weight_edge_count(model, index))
     assert whole > 9
-    assert [(r["failed"], r["collapsed"]) for r in rows] == [(False, False), (True, True), (True, False)]
+    assert [(r["failed"], r[stopped]) for r in rows] == [(False, False), (True, True), (True, False)]
+    assert not any(r["collapsed" if stopped == "settled_above" else "settled_above"] for r in rows)
     assert rows[1]["carbs_output"] == whole and rows[1]["objective"] is None
+    assert sweep.summary()[stopped] == 1 and sweep.summary()["failures"] == 2
     # CARBS: two circuits (9 or 4, and the whole model), one failure; the collapse is never the best
     assert sorted(o.output for o in sweep.carbs.success_observations) == [9.0 if objective == "nodes" else 4.0, whole]
     assert len(sweep.carbs.failure_observations) == 1
     assert sweep.best()["iteration"] == 0
+    # a repeat of the stopped run is answered the same way: the whole model, not a failure
+    again = sweep._observe_repeat(3, sweep.carbs.suggest().suggestion, rows[1])
+    assert again["carbs_output"] == whole and len(sweep.carbs.failure_observations) == 1
 
 
 def test_pareto_front_keeps_only_unbeaten_points():
@@ -216,20 +231,23 @@ def test_only_the_best_circuit_gets_faithfulness_curves_and_they_equal_a_lone_pr
 
 
 @pytest.mark.parametrize("stop", [False, True])
-def test_stop_collapsed_reaches_each_run_and_is_on_by_default(model_dir, tmp_path, monkeypatch, stop):
+def test_the_stops_reach_each_run_and_are_on_by_default(model_dir, tmp_path, monkeypatch, stop):
     import pruning.sweep as sweep_module
 
-    assert SweepConfig().stop_collapsed is True  # CARBS sees the stopped run as the whole model
+    # CARBS sees a stopped run as the whole model
+    assert SweepConfig().stop_collapsed is True and SweepConfig().stop_settled_above is True
     seen = []
 
-    def fake_run_one(prune_cfg, out_dir, stop_collapsed=False):
-        seen.append(stop_collapsed)
+    def fake_run_one(prune_cfg, out_dir, stop_collapsed=False, stop_settled_above=False):
+        seen.append((stop_collapsed, stop_settled_above))
         return {"circuit": _fake_circuit(val_loss=0.1, test_loss=0.1, nodes=5, edges=2), "seconds": 0.0}
 
     monkeypatch.setattr(sweep_module, "_run_one", fake_run_one)
-    cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=2", f"stop_collapsed={str(stop).lower()}"])
+    flag = str(stop).lower()
+    cfg = configlib.resolve(SweepConfig, "sweep", None,
+                            [*FAST, "iterations=2", f"stop_collapsed={flag}", f"stop_settled_above={not stop}".lower()])
     Sweep(cfg, str(model_dir), tmp_path).run(progress=False)
-    assert seen == [stop, stop]
+    assert seen == [(stop, not stop), (stop, not stop)]
 
 
 def test_a_repeated_suggestion_is_answered_by_its_twin_which_a_rerun_would_equal(model_dir, tmp_path, monkeypatch):
@@ -239,9 +257,9 @@ def test_a_repeated_suggestion_is_answered_by_its_twin_which_a_rerun_would_equal
 
     real_run_one, runs = sweep_module._run_one, []
 
-    def counted(prune_cfg, out_dir, stop_collapsed=False):
+    def counted(prune_cfg, out_dir, stop_collapsed=False, stop_settled_above=False):
         runs.append(prune_cfg)
-        return real_run_one(prune_cfg, out_dir, stop_collapsed)
+        return real_run_one(prune_cfg, out_dir, stop_collapsed, stop_settled_above)
 
     monkeypatch.setattr(sweep_module, "_run_one", counted)
     cfg = configlib.resolve(SweepConfig, "sweep", None, [*FAST, "iterations=3"])
