@@ -9,6 +9,8 @@ subset of) the ten planted nodes.
 
 from __future__ import annotations
 
+import copy
+
 import importlib.util
 import json
 import math
@@ -424,6 +426,37 @@ def test_attribution_runs_and_gives_a_circuit(planted):
     # the planted nodes score above the noise
     top = {(n.site, n.channel) for n in sorted(circuit.nodes, key=lambda n: -n.score)[:3]}
     assert top <= PLANTED
+
+
+def test_faithfulness_points_are_measured_once_per_process(planted, monkeypatch):
+    """The learned circuit's attribution curve is the attribution circuit's own: pruned next in the same
+    process (as the main job does), the attribution circuit reuses those points, with the values a fresh
+    process measures."""
+    from pruning import pruner
+
+    model, _, means, _ = planted
+    monkeypatch.setattr(pruner, "_CURVE_MEMO", {})
+    learned = prune(model, None, planted_cfg(), means=means, data=planted_data(), progress=False)
+    attribution = prune(model, None, planted_cfg(method="attribution"), means=means, data=planted_data(),
+                        progress=False)
+    shared = {n for n, *_ in learned.faithfulness["by_order"]["attribution"]["curve"]} - {learned.num_nodes}
+    own_points = {n for n, *_ in attribution.faithfulness["curve"]}
+    assert shared <= own_points and len(shared) >= 8
+    assert attribution.faithfulness["reused_points"] >= len(shared)  # every shared point, maybe its own size too
+    first = {n: (loss, f) for n, loss, f in learned.faithfulness["by_order"]["attribution"]["curve"]}
+    assert all(first[n] == (loss, f) for n, loss, f in attribution.faithfulness["curve"] if n in shared)
+    monkeypatch.setattr(pruner, "_CURVE_MEMO", {})  # a fresh process: every point measured again, the same values
+    fresh = prune(model, None, planted_cfg(method="attribution"), means=means, data=planted_data(), progress=False)
+    assert fresh.faithfulness["reused_points"] == 0
+    flat = lambda c: [x for point in c.faithfulness["curve"] for x in point]  # noqa: E731
+    assert flat(fresh) == pytest.approx(flat(attribution), rel=1e-6, abs=1e-7)
+    # another model (other weights) shares nothing
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.dim() == 2).mul_(1.5)
+    again = prune(other, None, planted_cfg(method="attribution", min_accuracy=0), means=means, data=planted_data(),
+                  progress=False)
+    assert again.faithfulness is None or again.faithfulness["reused_points"] == 0
 
 
 def test_model_that_misses_the_target_fails_with_the_numbers(planted):
