@@ -264,7 +264,10 @@ def validation_loss(circuit: dict[str, Any]) -> float | None:
 
     Read from ``metrics["circuit_val"]`` when the pruner stored it, else from the
     bisection trail (``search["bisection"]``, measured on validation) at the circuit's node count.
+    A failed search has no circuit, so None (its trail's count 0 is the empty circuit, not a result).
     """
+    if circuit.get("failed"):
+        return None
     val = (circuit.get("metrics") or {}).get("circuit_val")
     if isinstance(val, dict) and val.get("loss") is not None:
         return float(val["loss"])

@@ -20,7 +20,7 @@ counts them: `pruning.graph`). The protocol (SPEC §5):
   "sparse-lm sweep"). The row records ``collapsed`` and the run is never the
   best; the best circuit is the smallest that passes. So is a run whose masks
   closed too much (``stop_settled_above``, on by default): once its bisection
-  finds a count past 4x the nodes left open (+ 10) still missing the target,
+  finds a count past 8x the nodes left open (+ 10) still missing the target,
   the circuit will end near the whole model (past the open set the order is a
   guess), and the run stops there (row ``settled_above``);
 - the test split is read for the best circuit only: runs stop once their
@@ -101,7 +101,7 @@ class SweepConfig:
         "the steps and bisecting an order the masks never learned (such runs end near the whole model); CARBS "
         "observes it as a circuit of the whole model, the run is never the best")
     stop_settled_above: bool = field(
-        True, "end a run whose bisection finds a count past 4 x the nodes its masks left open (+ 10) still missing "
+        True, "end a run whose bisection finds a count past 8 x the nodes its masks left open (+ 10) still missing "
         "the target (the masks closed too much; past the open set the order is a guess and the circuit ends near "
         "the whole model): CARBS observes it as a circuit of the whole model, the run is never the best")
     # (cost is not configurable: mask steps, see the module docstring)

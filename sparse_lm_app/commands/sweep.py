@@ -39,13 +39,15 @@ def run_sweep(args) -> int:
     best = sweep.run(progress=not args.no_progress)
     n_fail = sum(r["failed"] for r in sweep.results)
     n_collapsed = sum(bool(r.get("collapsed")) for r in sweep.results)
+    n_settled = sum(bool(r.get("settled_above")) for r in sweep.results)
     if best is None:
         print(f"sweep: no run reached the target loss in {len(sweep.results)} iterations ({n_fail} failures); "
               f"see {args.out}/sweep.png and the reasons in {STATE_FILE}", file=sys.stderr)
         return 1
     print(f"sweep: best circuit {best['num_nodes']} nodes, {best['num_edges']} edges at iteration "
           f"{best['iteration']} ({n_fail} of {len(sweep.results)} runs failed, {n_collapsed} of them stopped at a "
-          f"collapse and seen by CARBS as the whole model); hyperparameters "
+          f"collapse and {n_settled} once their circuit settled far above their open nodes, all {n_collapsed + n_settled} "
+          f"seen by CARBS as the whole model); hyperparameters "
           f"{json.dumps({k: round(v, 6) for k, v in best['params'].items()})}")
     print(f"sweep: wrote circuit.json, circuit.html, config.json, sweep.png, {STATE_FILE} to {args.out}")
     return 0

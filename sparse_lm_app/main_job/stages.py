@@ -293,8 +293,12 @@ def _sweep_circuit(p: Pipeline, base, model_dir: str, out: Path) -> dict:
            "sweep_collapsed": summary["collapsed"], "sweep_settled_above": summary["settled_above"],
            "sweep_png": summary["plot"]}
     if summary["best"] is None:
+        stopped = ""
+        if summary["collapsed"] or summary["settled_above"]:
+            stopped = (f" ({summary['collapsed']} collapsed, {summary['settled_above']} settled far above the nodes "
+                       f"their masks left open: circuits near the whole model)")
         return {**row, "failed": True, "reason": f"no sweep run reached the target on validation in "
-                                                  f"{summary['iterations']} iterations"}
+                                                  f"{summary['iterations']} iterations{stopped}"}
     circuit = json.loads((out / "circuit.json").read_text())
     return {**row, **circuit_row(circuit, out)}
 

@@ -123,7 +123,8 @@ def _fake_collapse() -> dict:
 def _fake_settled_above() -> dict:
     c = Circuit(model="m", model_type="sparse_gpt", task="t", method="learned", target_loss=0.15, n_layer=1,
                 node_sites=["0.mlp.post_act"], total_nodes=32, failed=True, reason="settled far above")
-    c.search = {"open_at_end": 2, "stopped_settled_above": {"open_at_end": 2, "missed_at": 24, "give_up_above": 18}}
+    c.search = {"open_at_end": 2, "stopped_settled_above": {"open_at_end": 2, "missed_at": 24, "give_up_above": 18},
+                "bisection": [[32, 0.1], [0, 0.8], [2, 0.5], [4, 0.45], [8, 0.44], [16, 0.41], [24, 0.4]]}
     return c.to_json()
 
 
@@ -148,6 +149,7 @@ def test_a_stopped_run_is_seen_by_carbs_as_the_whole_model_and_is_never_the_best
     assert [(r["failed"], r[stopped]) for r in rows] == [(False, False), (True, True), (True, False)]
     assert not any(r["collapsed" if stopped == "settled_above" else "settled_above"] for r in rows)
     assert rows[1]["carbs_output"] == whole and rows[1]["objective"] is None
+    assert rows[1]["val_loss"] is None  # no circuit (not the empty one its bisection measured at count 0)
     assert sweep.summary()[stopped] == 1 and sweep.summary()["failures"] == 2
     # CARBS: two circuits (9 or 4, and the whole model), one failure; the collapse is never the best
     assert sorted(o.output for o in sweep.carbs.success_observations) == [9.0 if objective == "nodes" else 4.0, whole]
