@@ -556,7 +556,8 @@ def prune(
     them later, for the one circuit a sweep keeps, as this call would have. ``stop_settled_above=True`` (a
     sweep) fails the search, with ``stopped_settled_above`` in its ``search``, once the bisection finds a count
     past ``SETTLED_ABOVE_STOP`` times the open set (+ 10) still missing the target: such a circuit ends near the
-    whole model, and the rest of its bisection and its edge listing cost a sweep 1-1.5 minutes of a worker.
+    whole model, and the rest of its bisection and its edge listing cost ~30 s of a ~140 s run (README,
+    "Settled above").
     """
     s = _start(model, tokenizer, cfg, means, progress, data=data, model_dir=model_dir, fallback_dir=fallback_dir)
     s.fail_on_collapse, s.measure, s.stop_settled_above = fail_on_collapse, measure, stop_settled_above
