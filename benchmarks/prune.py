@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/prune.py [--shapes tiny] [--precisions bf16 fp32 bf16-autocast]
                                          [--paths today fast fast-torchgate] [--batch 64] [--threads N] [--no-means]
-                                         [--full --steps 100] [--tokenizer DIR] [--json out.json]
+                                         [--full --steps 100] [--model DIR --steps 150 --batch 32]
+                                         [--tokenizer DIR] [--json out.json]
 
 Models are SparseGPTs of the preset shapes with random weights, each block
 matrix cut to the preset's kept fraction (the cost of a pruning run depends on
@@ -184,6 +185,38 @@ def bench_prune(shape: str, steps: int, tok, workdir: str) -> dict:
             "failed": circuit.failed, "nodes": circuit.num_nodes, "total_nodes": circuit.total_nodes}
 
 
+def bench_trained_run(model_dir: str, steps: int, batch: int, workdir: str, rounds: int = 1) -> dict:
+    """Seconds of mask training (a fresh minibatch every step, as a sweep run) and bisection of one
+    learned-mask run on a trained model, with the bf16 products' rows bucketed (the default) and not
+    (`pruning.forward.bucket_rows` patched to the identity), alternated in one process."""
+    from pruning import forward
+    from pruning.config import PruneConfig
+    from pruning.pruner import prune
+    from sparse_lm import config as configlib
+    from sparse_lm.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(model_dir)
+    cfg = configlib.from_dict(PruneConfig, {"task": "single_double_quote", "steps": steps, "batch_size": batch,
+                                            "relative_margin": 0.05, "collapse_retries": 0})
+    bucketed = forward.bucket_rows
+    times: dict[str, list[dict]] = {"bucketed": [], "unbucketed": []}
+    nodes = {}
+    for _ in range(rounds):
+        for variant in times:
+            forward.bucket_rows = bucketed if variant == "bucketed" else (lambda m: m)
+            try:
+                c = prune(model, tok, cfg, progress=False, model_dir=model_dir, fallback_dir=workdir,
+                          faithfulness=False, measure=False)
+            finally:
+                forward.bucket_rows = bucketed
+            times[variant].append(c.search["seconds"])
+            nodes[variant] = c.num_nodes
+    best = {v: min(t, key=lambda x: x["optimise"]) for v, t in times.items()}
+    return {"model": model_dir, "steps": steps, "batch": batch, "nodes": nodes,
+            "optimise_ms_per_step": {v: 1000 * b["optimise"] / steps for v, b in best.items()},
+            "bisection_s": {v: b["bisection"] for v, b in best.items()}}
+
+
 def bench_carbs(n_obs: int = 30, repeats: int = 10) -> dict:
     from pruning.carbs import CARBS, CARBSParams, ObservationInParam
     from pruning.config import PruneConfig
@@ -211,11 +244,15 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS),
                     help="forward paths of the mask step: the plain pass (today), the fast one, and the fast one with the ablation backward in torch ops")
     ap.add_argument("--full", action="store_true", help="also whole pruning runs and CARBS suggestions")
-    ap.add_argument("--steps", type=int, default=100, help="mask-training steps per --full run (default config: 200)")
+    ap.add_argument("--steps", type=int, default=100,
+                    help="mask-training steps per --full or --model run (default config: 200; a sweep: 150)")
     ap.add_argument("--tokenizer", default=None, help="a saved tokenizer folder instead of training one")
     ap.add_argument("--batch", type=int, default=64, help="prompts per mask step (the pruner's default 64; a sweep: 32)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-means", action="store_true", help="skip the mean-activation pass")
+    ap.add_argument("--model", default=None,
+                    help="also time one learned-mask run (--steps, --batch) on this trained model, bf16 products' "
+                         "rows bucketed and not")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -262,6 +299,17 @@ def main() -> None:
                   f"{r['per_mask_step_ms']:.0f} |")
         print(f"\nCARBS: {1000 * carbs['suggest_s_median']:.0f} ms per suggestion with {carbs['observations']} "
               "observations")
+    if args.model:
+        with tempfile.TemporaryDirectory() as work:
+            r = bench_trained_run(args.model, args.steps, args.batch, work)
+        out["trained_run"] = r
+        print(json.dumps(r), flush=True)
+        ms = r["optimise_ms_per_step"]
+        print(f"\n| trained model, batch {r['batch']}, {r['steps']} steps | bucketed rows (default) | unbucketed | ratio |")
+        print("|---|---|---|---|")
+        print(f"| mask step, ms | {ms['bucketed']:.0f} | {ms['unbucketed']:.0f} | {ms['unbucketed'] / ms['bucketed']:.2f}x |")
+        b = r["bisection_s"]
+        print(f"| bisection, s | {b['bucketed']:.1f} | {b['unbucketed']:.1f} | {b['unbucketed'] / b['bucketed']:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -21,7 +21,10 @@ groups). Each of these gives the loss and mask gradients of the plain forward
 pass up to float rounding (tests/unit/test_prune_fast_path.py; ``trim=False``,
 ``min_padding=False`` give the plain pass). With ``precision="bf16-autocast"``
 the matrix products run in bfloat16 (AMX on recent CPUs, tensor cores on a
-GPU) while margins, losses and every mask stay float32 (`precision_context`).
+GPU) while margins, losses and every mask stay float32 (`precision_context`);
+with ``precision="bf16"`` their rows are padded to one of few sizes
+(`bucket_rows`), so oneDNN compiles each product's shape once, not at every
+step's new chunk shapes (1.29x per mask step on a trained model, benchmarks/README.md).
 
 The task loss of a batch of margins is computed in one place, `task_loss`,
 so an objective other than the binary one can be swapped in there.
@@ -211,8 +214,7 @@ def _qkv(attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     weights = _BF16_WEIGHTS.get(attn.c_attn)
     if weights is None:
         return attn.c_attn(h).split(d_attn, dim=2)
-    q, k, v = F.linear(h.to(torch.bfloat16), *weights).split(d_attn, dim=2)
-    return q.float(), k.float(), v.float()
+    return bf16_linear(h, *weights, parts=3)
 
 
 def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -336,6 +338,57 @@ def precision_context(precision: str, device: torch.device | str, model: nn.Modu
     raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
+def bucket_rows(m: int) -> int:
+    """`m` rounded up to one of few sizes: a multiple of 32 up to 256, then 8 sizes per doubling (at most 12.5%
+    more rows). oneDNN builds (JIT-compiles) a bf16 matrix product for each new shape, ~4 ms a shape on this
+    CPU against ~1 ms for the product itself at ~2,000 rows, and the pruner's length chunks have new shapes at
+    nearly every step; rounded, the shapes recur and oneDNN's primitive cache serves them."""
+    if m <= 256:
+        return max(32, -(-m // 32) * 32)
+    step = 1 << (m.bit_length() - 4)  # m in [2^(L-1), 2^L): 8 sizes of 2^(L-4) each
+    return -(-m // step) * step
+
+
+class _Bf16Linear(torch.autograd.Function):
+    """``F.linear(x.to(bf16), w, b).float()`` for frozen bf16 `w` and `b`, with the rows of x (all but the last
+    dimension, flattened) zero-padded to `bucket_rows` inside the bf16 cast, so the product has one of few
+    shapes; the padding rows are dropped in the cast back. `parts` > 1 splits the output features into that
+    many equal float32 parts, each contiguous (q, k and v of one product). The backward gives x's gradient
+    the same way (the weights take none). Same casts as the plain expression, no more copies."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, parts: int):  # type: ignore[override]
+        k = x.shape[-1]
+        lead, m = x.shape[:-1], x.numel() // max(k, 1)
+        rows = bucket_rows(m)
+        padded = x.new_empty((rows, k), dtype=torch.bfloat16)
+        padded[:m].copy_(x.reshape(m, k))  # the cast to bf16
+        padded[m:].zero_()
+        out = F.linear(padded, w, b)[:m]  # (m, n) bf16
+        ctx.save_for_backward(w)
+        ctx.lead, ctx.m, ctx.rows = lead, m, rows
+        if parts == 1:
+            return out.float().reshape(*lead, -1)
+        return tuple(o.float().reshape(*lead, -1) for o in out.split(out.shape[1] // parts, dim=1))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        (w,) = ctx.saved_tensors
+        m, rows, n = ctx.m, ctx.rows, w.shape[0]
+        padded = grads[0].new_empty((rows, n), dtype=torch.bfloat16)
+        width = n // len(grads)
+        for i, g in enumerate(grads):
+            padded[:m, i * width : (i + 1) * width].copy_(g.reshape(m, width))
+        padded[m:].zero_()
+        grad_x = (padded @ w)[:m].float()  # (m, k)
+        return grad_x.reshape(*ctx.lead, -1), None, None, None
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, parts: int = 1):
+    """float32 x times frozen bf16 weights (`_Bf16Linear`): float32 output, or `parts` float32 parts."""
+    return _Bf16Linear.apply(x, w, b, parts)
+
+
 # The bf16 copies (weight, bias) of each nn.Linear inside `_bf16_linears`, for forward passes here that
 # multiply with them directly (`_qkv`).
 _BF16_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = \
@@ -349,14 +402,11 @@ def _bf16_linears(model: nn.Module) -> Iterator[None]:
         raise ValueError("precision bf16 casts the weights once: freeze the model first (pruning.pruner.frozen)")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in vars(m)]
 
-    def bf16_forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), w, b).float()
-
     try:
         for lin in linears:
             w = lin.weight.detach().to(torch.bfloat16)
             b = None if lin.bias is None else lin.bias.detach().to(torch.bfloat16)
-            lin.forward = lambda x, w=w, b=b: bf16_forward(x, w, b)  # an instance attribute shadows the method
+            lin.forward = lambda x, w=w, b=b: bf16_linear(x, w, b)  # an instance attribute shadows the method
             _BF16_WEIGHTS[lin] = (w, b)
         yield
     finally:

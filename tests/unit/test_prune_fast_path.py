@@ -170,3 +170,38 @@ def test_min_padding_chunks(chunk_tokens):
     assert padded(chunks) + overhead * len(chunks) <= padded(greedy) + overhead * len(greedy)
     if chunk_tokens == 100_000:  # room for one chunk of everything, but the padding of it costs more
         assert padded(chunks) < padded(greedy) and len(chunks) > 1
+
+
+def test_bucketed_rows_are_few_and_waste_little():
+    """The bf16 products see one of few row counts (oneDNN compiles one per shape): at most 8 per doubling
+    past 256 and multiples of 32 below, never fewer rows than asked, at most 12.5% more past 256."""
+    from pruning.forward import bucket_rows
+
+    sizes = {bucket_rows(m) for m in range(1, 16385)}
+    assert all(bucket_rows(m) >= m for m in range(1, 16385))
+    assert max(bucket_rows(m) / m for m in range(257, 16385)) <= 1.125
+    assert len({s for s in sizes if 1024 < s <= 2048}) == 8 and len({s for s in sizes if s <= 256}) == 8
+    assert len(sizes) <= 8 + 8 * 6
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_padded_bf16_linear_equals_the_plain_cast_product(parts):
+    """`bf16_linear` (rows zero-padded to a bucket inside the cast) gives the plain bf16 product and its input
+    gradient; with parts, the same values split into contiguous parts."""
+    from pruning.forward import bf16_linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, generator=g).bfloat16()
+    b = torch.randn(24, generator=g).bfloat16()
+    x = torch.randn(3, 37, 16, generator=g, requires_grad=True)  # 111 rows: padded to 128
+    ref = torch.nn.functional.linear(x.to(torch.bfloat16), w, b).float()
+    up = torch.randn(ref.shape, generator=g)
+    (ref_grad,) = torch.autograd.grad((ref * up).sum(), x)
+    out = bf16_linear(x, w, b, parts=parts)
+    out = out if parts == 1 else torch.cat(out, dim=-1)
+    if parts == 3:
+        assert all(p.is_contiguous() and p.shape == (3, 37, 8) for p in bf16_linear(x, w, b, parts=3))
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    (grad,) = torch.autograd.grad((out * up).sum(), x)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-2, atol=2e-2)
+    assert out.dtype == grad.dtype == torch.float32
