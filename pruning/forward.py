@@ -363,7 +363,7 @@ class _Bf16Linear(torch.autograd.Function):
         rows = bucket_rows(m)
         padded = x.new_empty((rows, k), dtype=torch.bfloat16)
         padded[:m].copy_(x.reshape(m, k))  # the cast to bf16
-        padded[m:].zero_()
+        padded[m:].zero_()  # rows are independent, but uninitialised ones may hold denormals or NaN: slow, noisy
         out = F.linear(padded, w, b)[:m]  # (m, n) bf16
         ctx.save_for_backward(w)
         ctx.lead, ctx.m, ctx.rows = lead, m, rows

@@ -259,6 +259,10 @@ def fit_calibration(diff: torch.Tensor, family: torch.Tensor, steps: int = 20) -
     return float(a_fit), float(b_fit)
 
 
+class _GiveUp(Exception):
+    """`bisect_count` past its `give_up_above` bound with the target still missed."""
+
+
 def bisect_count(loss_at: Callable[[int], float], total: int, target: float, *, hint: int | None = None,
                  known: dict[int, float] | None = None,
                  give_up_above: int | None = None) -> tuple[int | None, list[list[float]]]:
@@ -275,9 +279,6 @@ def bisect_count(loss_at: Callable[[int], float], total: int, target: float, *, 
     """
     history: dict[int, float] = {}
     known = dict(known or {})
-
-    class _GiveUp(Exception):
-        pass
 
     def at(c: int) -> float:
         if c not in history:
