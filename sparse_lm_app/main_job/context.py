@@ -63,11 +63,13 @@ class Plan:
 # work (4.9 min: attribution, the control);
 # bridge: finetune, 600 steps (42 min on 2 ranks, AMD, 2026-12-02: bridge-tiny-joint's measured runs), then the
 # bridged circuit and the intervention (~10 min as run at 300 steps).
-TINY_MINUTES = {"data": 0.3, "sparse": 51.0, "dense": 14.0, "eval": 8.0, "prune": 60.0, "bridge": 53.0,
+# sparse, dense, eval: make demo alone on a quiet 2-core machine, 2026-12-04 (README "Result of the default run":
+# 26.0, 10.6 and 4.0 min; 0.48 s a sparse step, 0.39 s a dense one).
+TINY_MINUTES = {"data": 0.3, "sparse": 26.0, "dense": 11.0, "eval": 4.5, "prune": 60.0, "bridge": 53.0,
                 "report": 0.1}
 # long: tiny's stages with 3.75x tiny's sparse steps and 3.75x its dense steps, scaled from the measured
-# step times (0.93 s sparse, 0.50 s dense); its corpus (python-site, ~330 MB) takes longer to prepare.
-LONG_MINUTES = {**TINY_MINUTES, "data": 5.0, "sparse": 186.0, "dense": 50.0}
+# step times (0.48 s sparse, 0.39 s dense); its corpus (python-site, ~330 MB) takes longer to prepare.
+LONG_MINUTES = {**TINY_MINUTES, "data": 5.0, "sparse": 98.0, "dense": 40.0}
 # The smollm2 plan, measured end to end on 2 cores (2026-12-02, README "--preset smollm2"): data 0.3 min; sparse
 # (smollm2-sparse, 2 layers x 256, 2500 steps of 16 x 256 tokens, one rank, the malloc settings below) 58.5; bridge
 # (smollm2-bridge, finetune, 100 steps of 4 x 256 tokens, the GGUF loaded, the gate's evaluations) 12.2;
