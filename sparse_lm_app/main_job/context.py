@@ -58,14 +58,9 @@ class Plan:
         return STAGE_CONFIGS if self.pipeline == "main" else ("sparse", "bridge", "prune")
 
 
-# Measured on a 2-core CPU (make demo, 2026-12-02): data, sparse, dense, eval as run; prune: its two sweeps redone
-# alone with sweep protocol 3 (27.0 and 26.8 min, 2026-12-03; README "sparse-lm sweep") plus the demo's other prune
-# work (4.9 min: attribution, the control);
-# bridge: finetune, 600 steps (42 min on 2 ranks, AMD, 2026-12-02: bridge-tiny-joint's measured runs), then the
-# bridged circuit and the intervention (~10 min as run at 300 steps).
-# sparse, dense, eval: make demo alone on a quiet 2-core machine, 2026-12-04 (README "Result of the default run":
-# 26.0, 10.6 and 4.0 min; 0.48 s a sparse step, 0.39 s a dense one).
-TINY_MINUTES = {"data": 0.3, "sparse": 26.0, "dense": 11.0, "eval": 4.5, "prune": 60.0, "bridge": 53.0,
+# sparse, dense, eval, prune, bridge: make demo alone on a quiet 2-core machine, 2026-12-04 (README "Result of the
+# default run": 26.0, 10.6, 4.0, 41.8 (four sweeps) and 31.7 min; 0.48 s a sparse step, 0.39 s a dense one).
+TINY_MINUTES = {"data": 0.3, "sparse": 26.0, "dense": 11.0, "eval": 4.5, "prune": 45.0, "bridge": 33.0,
                 "report": 0.1}
 # long: tiny's stages with 3.75x tiny's sparse steps and 3.75x its dense steps, scaled from the measured
 # step times (0.48 s sparse, 0.39 s dense); its corpus (python-site, ~330 MB) takes longer to prepare.
