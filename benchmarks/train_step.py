@@ -6,7 +6,7 @@ one run so that the noise of a shared machine hits every variant alike:
 * ``dense``   the same SparseGPT with ``afrac=None`` and no weight projection:
               forward + backward + grad clip + AdamW step;
 * ``sparse``  the preset's SparseGPT (AbsTopK at the preset's loctypes): the same
-              step, then the L0 projection (``compute_masks`` + ``apply_masks``);
+              step, then the L0 projection (``sparsity.project``);
 * ``sparse_no_abstopk``  the same model and optimizer as ``sparse`` with every
               site's AbsTopK switched off for the step (same weights): the
               difference to ``sparse`` is the AbsTopK share;
@@ -124,8 +124,7 @@ class Stepper:
 
     def project(self) -> None:
         # Annealing done (progress 1): every matrix at its target fraction, as for most of a run.
-        masks = sp.compute_masks(self.matrices, self.sc, self.total_steps, self.total_steps)
-        sp.apply_masks(self.matrices, masks, self.opt)
+        sp.project(self.matrices, self.sc, self.total_steps, self.total_steps, self.opt)
 
 
 class abstopk_path:
@@ -248,8 +247,7 @@ def bench_deepspeed(preset: str, precision: str, args, tmp: Path) -> dict:
             sparse_t.train_step()
 
     def l0(r: int) -> None:
-        masks = sp.compute_masks(sparse_t.matrices, sparse_t.sc, sparse_t.step, sparse_t.tc.steps)
-        sp.apply_masks(sparse_t.matrices, masks, sparse_t.engine.optimizer)
+        sp.project(sparse_t.matrices, sparse_t.sc, sparse_t.step, sparse_t.tc.steps, sparse_t.engine.optimizer)
 
     variants = {"dense": lambda r: trainers["dense"].train_step(), "sparse": lambda r: sparse_t.train_step(),
                 "sparse_no_abstopk": no_abstopk, "l0": l0}
@@ -261,7 +259,7 @@ class PartTimer:
     """CPU (process) seconds per part of one ``Trainer.train_step``, by wrapping its calls on one trainer.
 
     Parts: ``forward`` (engine forward, incl. loss), ``backward`` (engine.backward), ``engine_step``
-    (engine.step: grad RMS bound + AdamW), ``projection`` (compute_masks + apply_masks); ``rest`` is the
+    (engine.step: grad RMS bound + AdamW), ``projection`` (``sparsity.project``); ``rest`` is the
     step's total minus these (lr, batch slicing, the loss all-reduce, ...).
     """
 
@@ -286,15 +284,14 @@ class PartTimer:
     def step(self) -> dict[str, float]:
         """One real ``train_step``; returns the CPU seconds of each part and ``total``."""
         self.acc = dict.fromkeys(self.PARTS, 0.0)
-        saved = sp.compute_masks, sp.apply_masks
-        sp.compute_masks = self._timed(saved[0], "projection")
-        sp.apply_masks = self._timed(saved[1], "projection")
+        saved = sp.project
+        sp.project = self._timed(saved, "projection")
         try:
             c0 = time.process_time()
             self.t.train_step()
             total = time.process_time() - c0
         finally:
-            sp.compute_masks, sp.apply_masks = saved
+            sp.project = saved
         out = dict(self.acc)
         out["rest"] = total - sum(out.values())
         out["total"] = total

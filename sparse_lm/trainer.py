@@ -394,8 +394,8 @@ class Trainer:
             total += loss.detach().float()
         if self.sparse:
             # After EVERY optimizer step: project each matrix to its L0 for the next step.
-            masks = sp.compute_masks(self.matrices, self.sc, self.step + 1, self.tc.steps)
-            sp.apply_masks(self.matrices, masks, self.engine.optimizer, zero_moments=self.sc.zero_moments)
+            sp.project(self.matrices, self.sc, self.step + 1, self.tc.steps, self.engine.optimizer,
+                       zero_moments=self.sc.zero_moments)
         dist.all_reduce(total)
         mean = float(total) / (self.grad_accum * self.world)
         if not math.isfinite(mean):

@@ -22,6 +22,11 @@
 // channel), which the pruner's mean ablation runs at every node site on every mask step: the
 // gradients of x (g * m) and of m (the sum over rows of g * (x - mean)) in one pass over g and x,
 // where torch needs four (two products, two reductions).
+//
+// It also carries the weight projection in one call per matrix (`project_topk_`): the top min_fan of every
+// fan slice (row or column) forced in, in one pass with a running top-min_fan per slice instead of a
+// selection per slice; the k largest |w| of the rest as above; and the matrix zeroed in place outside them,
+// without the float score copy, the bool masks and the masked fills the torch-level path makes.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -101,8 +107,7 @@ inline void select_row16(const uint16_t* x, int64_t n, int64_t k, uint8_t* keep,
 }
 
 // One row of float32: the top 16 key bits by counting, the rest exactly among the keys sharing them.
-inline void select_row32(const uint32_t* x, int64_t n, int64_t k, uint8_t* keep, uint32_t* y,
-                         std::vector<uint32_t>& cand) {
+inline void select_row32(const uint32_t* x, int64_t n, int64_t k, uint8_t* keep, uint32_t* y, uint32_t* cand) {
   uint32_t hi = 0;
   for (int b = 30; b >= 16; --b) {
     const uint32_t c = hi | (1u << b);
@@ -117,7 +122,7 @@ inline void select_row32(const uint32_t* x, int64_t n, int64_t k, uint8_t* keep,
     m += (key >> 16) == (hi >> 16);
   }
   const int64_t need = k - above;  // 1 <= need <= m
-  std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.begin() + m, std::greater<uint32_t>());
+  std::nth_element(cand, cand + (need - 1), cand + m, std::greater<uint32_t>());
   const uint32_t t = cand[need - 1];
   const int64_t gt = t == 0x7fffffffu ? 0 : count_ge32(x, n, t + 1);
   if (count_ge32(x, n, t) == k) {  // every key == t is kept: no tie to break
@@ -141,7 +146,7 @@ void select_rows(const at::Tensor& x, int64_t k, at::Tensor& keep, at::Tensor* y
     std::vector<uint32_t> cand(sizeof(U) == 4 ? n : 0);
     for (int64_t r = begin; r < end; ++r) {
       if constexpr (sizeof(U) == 4) {
-        select_row32(xp + r * n, n, k, kp + r * n, yp ? yp + r * n : nullptr, cand);
+        select_row32(xp + r * n, n, k, kp + r * n, yp ? yp + r * n : nullptr, cand.data());
       } else {
         select_row16(xp + r * n, n, k, kp + r * n, yp ? yp + r * n : nullptr);
       }
@@ -273,6 +278,167 @@ std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& grad, const a
   return {gx, gm};
 }
 
+
+// The element-wise passes of the projection, compiled like the counting loops above.
+SLM_CLONES bool any_nonfinite(const uint32_t* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= (uint32_t)((x[i] & 0x7fffffffu) >= 0x7f800000u);
+  return bad != 0;
+}
+SLM_CLONES void forced_keys(const uint32_t* x, const uint8_t* forced, int64_t n, uint32_t* keys) {
+  for (int64_t i = 0; i < n; ++i) keys[i] = forced[i] ? 0x7f800000u : (x[i] & 0x7fffffffu);
+}
+SLM_CLONES void zero_unkept(uint32_t* x, const uint8_t* keep, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] &= 0u - (uint32_t)keep[i];
+}
+
+// The largest key (|x| bits) of n <= 16 entries, and whether any key beats its column's bound: the
+// vectorizable tests that give the fan pass its bounds and let it skip most chunks.
+SLM_CLONES uint32_t chunk_max(const uint32_t* x, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i] & 0x7fffffffu);
+  return m;
+}
+SLM_CLONES bool any_ge(const uint32_t* x, const uint32_t* bound, int64_t n) {
+  uint32_t any = 0;
+  for (int64_t i = 0; i < n; ++i) any |= (uint32_t)((x[i] & 0x7fffffffu) >= bound[i]);
+  return any != 0;
+}
+SLM_CLONES void rows_max(const uint32_t* x, int64_t n, uint32_t* m) {
+  for (int64_t i = 0; i < n; ++i) m[i] = std::max(m[i], x[i] & 0x7fffffffu);
+}
+
+// A running top m of one slice, fed in index order: strict > keeps, of equal keys, the one seen first (the
+// lowest index in the slice), as the selection's tie rule.
+struct TopM {
+  uint32_t* key;
+  int64_t* idx;
+  int64_t m, filled = 0;
+  void offer(uint32_t k, int64_t i) {
+    if (filled == m && !(k > key[m - 1])) return;
+    int64_t j = filled < m ? filled++ : m - 1;
+    while (j > 0 && k > key[j - 1]) {
+      key[j] = key[j - 1];
+      idx[j] = idx[j - 1];
+      --j;
+    }
+    key[j] = k;
+    idx[j] = i;
+  }
+};
+
+// The m-th largest of n values (0 when n < m): a lower bound for the m-th largest key of a slice when the
+// values are the maxima of n disjoint blocks of it (m blocks hold a key at least this large).
+uint32_t mth_largest(const uint32_t* v, int64_t n, int64_t m, uint32_t* best) {
+  if (n < m) return 0;
+  int64_t filled = 0;  // best[0..filled): the largest so far, descending
+  for (int64_t i = 0; i < n; ++i) {
+    if (filled == m && v[i] <= best[m - 1]) continue;
+    int64_t j = filled < m ? filled++ : m - 1;
+    while (j > 0 && v[i] > best[j - 1]) {
+      best[j] = best[j - 1];
+      --j;
+    }
+    best[j] = v[i];
+  }
+  return best[m - 1];
+}
+
+// forced[i] = 1 for the top m |w| (ties: lowest index) of every row (fan_dim 1) or column (fan_dim 0) of
+// a (R, C) float32 matrix given as key bits. Blocks of 16 along the slice first give each slice a lower
+// bound on its m-th key (vectorized maxima), so only the few keys at or above it are ranked.
+// Returns the count of forced entries (the slices' top sets are disjoint: one fan dim).
+int64_t force_fan(const uint32_t* x, int64_t R, int64_t C, int fan_dim, int64_t m, uint8_t* forced) {
+  std::memset(forced, 0, (size_t)(R * C));
+  const int64_t slices = fan_dim == 1 ? R : C, len = fan_dim == 1 ? C : R, nb = (len + 15) / 16;
+  std::vector<uint32_t> bk((size_t)(slices * m));
+  std::vector<int64_t> bi((size_t)(slices * m));
+  std::vector<uint32_t> bmax((size_t)(nb * (fan_dim == 1 ? 1 : C))), best((size_t)m);
+  if (fan_dim == 1) {
+    for (int64_t r = 0; r < R; ++r) {
+      const uint32_t* row = x + r * C;
+      for (int64_t b = 0; b < nb; ++b) bmax[b] = chunk_max(row + 16 * b, std::min<int64_t>(16, C - 16 * b));
+      const uint32_t lo = mth_largest(bmax.data(), nb, m, best.data());
+      TopM top{bk.data() + r * m, bi.data() + r * m, m};
+      for (int64_t b = 0; b < nb; ++b) {
+        if (bmax[b] < lo) continue;
+        for (int64_t c = 16 * b; c < std::min<int64_t>(C, 16 * b + 16); ++c) {
+          const uint32_t key = row[c] & 0x7fffffffu;
+          if (key >= lo) top.offer(key, c);
+        }
+      }
+      for (int64_t j = 0; j < m; ++j) forced[r * C + top.idx[j]] = 1;
+    }
+  } else {
+    // Columns, read row by row (the matrix stays in memory order): block maxima per column, then each
+    // column's bound, then one pass offering the keys at or above their column's bound.
+    for (int64_t b = 0; b < nb; ++b) {
+      uint32_t* mb = bmax.data() + b * C;
+      std::memset(mb, 0, (size_t)C * sizeof(uint32_t));
+      for (int64_t r = 16 * b; r < std::min<int64_t>(R, 16 * b + 16); ++r) rows_max(x + r * C, C, mb);
+    }
+    std::vector<uint32_t> lo((size_t)C), tmp((size_t)nb);
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t b = 0; b < nb; ++b) tmp[b] = bmax[b * C + c];
+      lo[c] = mth_largest(tmp.data(), nb, m, best.data());
+    }
+    std::vector<TopM> tops;
+    tops.reserve((size_t)C);
+    for (int64_t c = 0; c < C; ++c) tops.push_back(TopM{bk.data() + c * m, bi.data() + c * m, m});
+    for (int64_t r = 0; r < R; ++r) {
+      const uint32_t* row = x + r * C;
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t e = std::min<int64_t>(C, c0 + 16);
+        if (!any_ge(row + c0, lo.data() + c0, e - c0)) continue;
+        for (int64_t c = c0; c < e; ++c) {
+          const uint32_t key = row[c] & 0x7fffffffu;
+          if (key >= lo[c]) tops[c].offer(key, r);
+        }
+      }
+    }
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < m; ++j) forced[tops[c].idx[j] * C + c] = 1;
+  }
+  return slices * m;
+}
+
+// The L0 projection of one float32 matrix (R, C), in place: keep[i] = 1 for the top min_fan |w| of every
+// fan slice (fan_dim 1: rows, 0: columns, -1: none) and, of the rest, the k - forced largest |w| (ties at
+// the k-th: lowest flat index, as topk_mask's selection with the forced entries ranked first); w = +0
+// elsewhere. Returns the kept count, or -1 without touching w (keep is scratch then) when the case is not handled here
+// (a non-finite weight, forced entries over k, min_fan >= the slice length): the caller then uses torch.
+int64_t project_topk_(at::Tensor w, at::Tensor keep, int64_t k, int64_t fan_dim, int64_t min_fan) {
+  TORCH_CHECK(w.device().is_cpu() && keep.device().is_cpu(), "sparse_lm_abstopk: CPU tensors only");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
+              "sparse_lm_abstopk: project_topk_ takes a contiguous 2-D float32 matrix");
+  TORCH_CHECK(keep.scalar_type() == at::kByte && keep.sizes() == w.sizes() && keep.is_contiguous(),
+              "sparse_lm_abstopk: keep must be a contiguous uint8 tensor of w's shape");
+  const int64_t R = w.size(0), C = w.size(1), n = R * C;
+  uint32_t* x = reinterpret_cast<uint32_t*>(w.data_ptr<float>());
+  uint8_t* kp = keep.data_ptr<uint8_t>();
+  if (n == 0 || k <= 0) return -1;
+  if (any_nonfinite(x, n)) return -1;  // inf or nan: torch's ranking of them
+  const bool fan = fan_dim >= 0 && min_fan > 0;
+  int64_t forced = 0;
+  std::unique_ptr<uint32_t[]> keys;
+  if (fan) {
+    const int64_t len = fan_dim == 1 ? C : R;
+    if ((fan_dim != 0 && fan_dim != 1) || min_fan >= len) return -1;
+    forced = force_fan(x, R, C, (int)fan_dim, min_fan, kp);
+    if (forced > k) return -1;
+    keys.reset(new uint32_t[(size_t)n]);
+    forced_keys(x, kp, n, keys.get());  // forced entries rank first
+  }
+  if (k >= n) {
+    std::memset(kp, 1, (size_t)n);
+    return n;
+  }
+  std::unique_ptr<uint32_t[]> cand(new uint32_t[(size_t)n]);
+  select_row32(fan ? keys.get() : x, n, k, kp, nullptr, cand.get());  // the selection reads |w|'s bits itself
+  zero_unkept(x, kp, n);
+  return k;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparse_lm_abstopk, m) {
@@ -281,4 +447,5 @@ TORCH_LIBRARY(sparse_lm_abstopk, m) {
   m.def("mask_apply(Tensor g, Tensor keep) -> Tensor", &mask_apply);
   m.def("gate_backward(Tensor grad, Tensor x, Tensor m, Tensor mean, bool need_grad_x) -> (Tensor, Tensor)",
         &gate_backward);
+  m.def("project_topk_(Tensor(a!) w, Tensor(b!) keep, int k, int fan_dim, int min_fan) -> int", &project_topk_);
 }

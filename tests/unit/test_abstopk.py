@@ -256,6 +256,69 @@ def test_topk_mask_bf16_weights():
     assert int(mask.sum()) == 200 and (mask.sum(1) >= 2).all()
 
 
+def _projection_matrices(dist: str, gen: torch.Generator) -> dict[str, torch.nn.Parameter]:
+    """Matrices named as SparseGPT's (so each gets its fan dims), shaped so slices are short and long."""
+    shapes = {"transformer.wte.weight": (96, 32), "lm_head.weight": (96, 32),
+              "transformer.h.0.attn.c_attn.weight": (96, 32), "transformer.h.0.attn.c_proj.weight": (32, 32),
+              "transformer.h.0.mlp.c_fc.weight": (128, 32), "transformer.h.0.mlp.c_proj.weight": (32, 128),
+              "transformer.h.1.mlp.c_fc.weight": (40, 17), "transformer.h.1.mlp.c_proj.weight": (17, 40)}
+    return {n: torch.nn.Parameter(inputs(dist, s, torch.float32, gen)) for n, s in shapes.items()}
+
+
+@pytest.mark.parametrize("dist", ["gauss", "ties", "zeros", "heavy", "close"])
+@pytest.mark.parametrize("min_fan", [0, 1, 4])
+def test_fused_projection_equals_masks_then_apply(dist, min_fan):
+    """`sparsity.project` (the compiled one-call op where it applies) leaves every matrix with the bits that
+    compute_masks + apply_masks leave, through the annealing and at the target, ties and zeros included."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = sp.SparsityConfig(target_fraction=1 / 8, embed_fraction=0.5, min_fan=min_fan)
+    for step in (5, 40, 100):
+        a = _projection_matrices(dist, gen)
+        b = {n: torch.nn.Parameter(p.detach().clone()) for n, p in a.items()}
+        sp.apply_masks(a, sp.compute_masks(a, cfg, step, 100))
+        sp.project(b, cfg, step, 100)
+        for name in a:
+            assert torch.equal(a[name].data.view(torch.int32), b[name].data.view(torch.int32)), (name, step)
+
+
+def test_fused_projection_declines_what_it_does_not_handle():
+    """A non-finite weight, forced entries over the budget, and bf16 weights take the mask path, with its result."""
+    cfg = sp.SparsityConfig(target_fraction=1 / 8, min_fan=4)
+    gen = torch.Generator().manual_seed(1)
+    a = _projection_matrices("gauss", gen)
+    a["transformer.h.0.mlp.c_fc.weight"].data[3, 5] = float("inf")
+    a["transformer.h.0.mlp.c_proj.weight"].data[0, 0] = float("nan")
+    a["transformer.h.1.mlp.c_fc.weight"].data = a["transformer.h.1.mlp.c_fc.weight"].data.bfloat16()
+    b = {n: torch.nn.Parameter(p.detach().clone()) for n, p in a.items()}
+    sp.apply_masks(a, sp.compute_masks(a, cfg, 100, 100))
+    sp.project(b, cfg, 100, 100)
+    for name in a:
+        assert torch.equal(torch.nan_to_num(a[name].data), torch.nan_to_num(b[name].data)), name
+    over = sp.SparsityConfig(target_fraction=1 / 64, min_fan=4)  # 4 per row of c_fc is over 1/64 of it
+    a = _projection_matrices("gauss", gen)
+    b = {n: torch.nn.Parameter(p.detach().clone()) for n, p in a.items()}
+    sp.apply_masks(a, sp.compute_masks(a, over, 100, 100))
+    sp.project(b, over, 100, 100)
+    for name in a:
+        assert torch.equal(a[name].data, b[name].data), name
+
+
+def test_fused_projection_keeps_the_fan_and_the_budget(selection_path):
+    """Whatever path runs, every fan slice keeps min_fan entries and each matrix exactly its target count (or
+    every forced entry, when they are more: h.1's 40 rows of 17 force 120 of 680, over 1/8 of it)."""
+    gen = torch.Generator().manual_seed(2)
+    cfg = sp.SparsityConfig(target_fraction=1 / 8, embed_fraction=0.5, min_fan=3)
+    mats = _projection_matrices("gauss", gen)
+    sp.project(mats, cfg, 100, 100)
+    for name, p in mats.items():
+        frac = sp.matrix_fraction(name, cfg, cfg.target_fraction, 1.0)
+        dims = sp.fan_constraints(name, cfg.min_fan)
+        forced = sum(3 * p.shape[1 - d] for d in dims)
+        assert int((p.data != 0).sum()) == max(sp.target_count(p.numel(), frac), forced), name
+        for dim in dims:
+            assert ((p.data != 0).sum(dim) >= 3).all(), name
+
+
 @pytest.mark.parametrize("shape", [(3, 7, 256), (5, 1024), (1, 1, 32), (0, 64)])
 @pytest.mark.parametrize("need_grad_x", [True, False])
 def test_gate_backward_compiled_equals_torch(shape, need_grad_x):
