@@ -385,14 +385,20 @@ class SparseGPT(PreTrainedModel, GenerationMixin):
             # After the last site (hooks see every position), before the unembedding: the bigram
             # table's rows are read at the same positions, by the tokens there.
             x, tokens = x[:, keep], input_ids[:, keep]  # (B, kept, d_model), (B, kept)
-        logits = self.lm_head(tr.ln_f(x)) + self.final_logits_bias  # (B, kept, vocab); kept = T by default
-        if self.bigram_table is not None:
-            logits = logits + F.embedding(tokens, self.bigram_table).to(logits.dtype)
+        logits = self.lm_head(tr.ln_f(x))  # (B, kept, vocab); kept = T by default
+        if self.bigram_table is None:
+            logits = logits + self.final_logits_bias
+        else:
+            # The table's rows (a fresh float32 tensor) take the bias and the unembedding in place: one
+            # (B, kept, vocab) tensor instead of three.
+            bias = F.embedding(tokens, self.bigram_table).add_(self.final_logits_bias)  # (B, kept, vocab)
+            logits = bias.add_(logits) if bias.dtype == torch.promote_types(bias.dtype, logits.dtype) else logits + bias
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            # Position t predicts labels[t + 1]; the last position has no target (-100) rather than being
+            # sliced off, which would copy the (B, T, vocab) logits and their gradient.
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
