@@ -571,6 +571,10 @@ def bench_kernels(preset: str, precision: str, args) -> dict:
         variants["L0 " + name] = l0(fn)
     masks = sp.compute_masks(mats, sc, cfg.train.steps, cfg.train.steps)
     variants["L0 apply_masks (unchanged)"] = lambda r: sp.apply_masks(mats, masks, stepper.opt)
+    # The trainer's call now: the masks and their application in one compiled call per matrix (compare it with
+    # "current" + "apply_masks", which is what it replaces).
+    variants["L0 fused: sparsity.project (select + apply)"] = lambda r: sp.project(mats, sc, cfg.train.steps,
+                                                                                  cfg.train.steps, stepper.opt)
     wall, cpu = interleaved(variants, args.steps, args.warmup)
     rows = {name: {"median_ms": 1e3 * statistics.median(wall[name]), "cpu_median_ms": 1e3 * statistics.median(cpu[name]),
                    "rows_differing": mism.get(name)} for name in variants}

@@ -59,8 +59,9 @@ class Plan:
 
 
 # sparse, dense, eval, prune, bridge: make demo alone on a quiet 2-core machine, 2026-12-04 (README "Result of the
-# default run": 26.0, 10.6, 4.0, 41.8 (four sweeps) and 31.7 min; 0.48 s a sparse step, 0.39 s a dense one).
-TINY_MINUTES = {"data": 0.3, "sparse": 26.0, "dense": 11.0, "eval": 4.5, "prune": 45.0, "bridge": 33.0,
+# default run": 23.6 (after "Speed"'s projection and loss changes; 26.0 before), 10.6, 4.0, 41.8 (four sweeps) and
+# 31.7 min; 0.44 s a sparse step, 0.39 s a dense one).
+TINY_MINUTES = {"data": 0.3, "sparse": 24.0, "dense": 11.0, "eval": 4.5, "prune": 45.0, "bridge": 33.0,
                 "report": 0.1}
 # long: tiny's stages with 3.75x tiny's sparse steps and 3.75x its dense steps, scaled from the measured
 # step times (0.48 s sparse, 0.39 s dense); its corpus (python-site, ~330 MB) takes longer to prepare.
