@@ -24,9 +24,10 @@
 // where torch needs four (two products, two reductions).
 //
 // It also carries the weight projection in one call per matrix (`project_topk_`): the top min_fan of every
-// fan slice (row or column) forced in, in one pass with a running top-min_fan per slice instead of a
-// selection per slice; the k largest |w| of the rest as above; and the matrix zeroed in place outside them,
-// without the float score copy, the bool masks and the masked fills the torch-level path makes.
+// fan slice (row or column) forced in (block maxima bound each slice's min_fan-th |w| from below, and only
+// the few entries above the bound are ranked, instead of a selection per slice); the k largest |w| of the
+// rest as above; and the matrix zeroed in place outside them, without the float score copy, the bool masks
+// and the masked fills the torch-level path makes.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
