@@ -63,9 +63,9 @@ class Plan:
 # 31.7 min; 0.44 s a sparse step, 0.39 s a dense one).
 TINY_MINUTES = {"data": 0.3, "sparse": 24.0, "dense": 11.0, "eval": 4.5, "prune": 45.0, "bridge": 33.0,
                 "report": 0.1}
-# long: tiny's stages with 3.75x tiny's sparse steps and 3.75x its dense steps, scaled from the measured
-# step times (0.48 s sparse, 0.39 s dense); its corpus (python-site, ~330 MB) takes longer to prepare.
-LONG_MINUTES = {**TINY_MINUTES, "data": 5.0, "sparse": 98.0, "dense": 40.0}
+# long: data and sparse measured 2026-12-04 (1.8 min; the sparse stage ~0.43 s a step alone, ~87 min, README);
+# dense: 3.75x tiny's dense steps at its measured 0.39 s a step.
+LONG_MINUTES = {**TINY_MINUTES, "data": 2.0, "sparse": 88.0, "dense": 40.0}
 # The smollm2 plan, measured end to end on 2 cores (2026-12-02, README "--preset smollm2"): data 0.3 min; sparse
 # (smollm2-sparse, 2 layers x 256, 2500 steps of 16 x 256 tokens, one rank, the malloc settings below) 58.5; bridge
 # (smollm2-bridge, finetune, 100 steps of 4 x 256 tokens, the GGUF loaded, the gate's evaluations) 12.2;
@@ -81,7 +81,7 @@ PLANS: dict[str, Plan] = {
     # set_or_string and bracket_counting need more than tiny's 13M tokens: 49M of python-site (a first run's sparse
     # stage, 2026-12-02: neither task learned by 45M tokens; README)
     "long": Plan("long", "long-dense", "bridge-tiny-joint", "prune-main", LONG_MINUTES, measured=False,
-                 estimate="tiny's measured step times scaled to long's steps; only its sparse stage has run"),
+                 estimate="data and sparse measured; the other stages tiny's, scaled to long's steps"),
     # GPUs: the paper's 32 iterations of 8 parallel suggestions
     "paper-1x": Plan("paper-1x", "paper-1x-dense", "bridge-tiny-joint", "prune-main", TINY_MINUTES, measured=False,
                      sweep_iterations=256, sweep_workers=8),
