@@ -214,18 +214,21 @@ def check_fan_budget(matrices: dict[str, nn.Parameter], cfg: SparsityConfig) -> 
             )
 
 
+def _projected(matrices: dict[str, nn.Parameter], cfg: SparsityConfig, step: int, total_steps: int):
+    """(name, matrix, kept count, fan dims) of every matrix projected at ``step`` (not those still dense)."""
+    progress = anneal_progress(step, total_steps, cfg.anneal_start, cfg.anneal_end)
+    fraction = kept_fraction(cfg.target_fraction, progress)
+    for name, p in matrices.items():
+        frac = matrix_fraction(name, cfg, fraction, progress)
+        if frac < 1.0:
+            yield name, p, target_count(p.numel(), frac), fan_constraints(name, cfg.min_fan)
+
+
 @torch.no_grad()
 def compute_masks(matrices: dict[str, nn.Parameter], cfg: SparsityConfig, step: int,
                   total_steps: int) -> dict[str, torch.Tensor]:
-    progress = anneal_progress(step, total_steps, cfg.anneal_start, cfg.anneal_end)
-    fraction = kept_fraction(cfg.target_fraction, progress)
-    masks = {}
-    for name, p in matrices.items():
-        frac = matrix_fraction(name, cfg, fraction, progress)
-        if frac >= 1.0:
-            continue
-        masks[name] = topk_mask(p, target_count(p.numel(), frac), fan_constraints(name, cfg.min_fan), cfg.min_fan)
-    return masks
+    return {name: topk_mask(p, k, dims, cfg.min_fan)
+            for name, p, k, dims in _projected(matrices, cfg, step, total_steps)}
 
 
 @torch.no_grad()
@@ -233,49 +236,18 @@ def project(matrices: dict[str, nn.Parameter], cfg: SparsityConfig, step: int, t
             optimizer=None, *, zero_moments: bool = False) -> None:
     """The projection after an optimizer step: :func:`compute_masks` then :func:`apply_masks`, the same kept sets.
 
-    A plain float32 matrix (no DeepSpeed master fragment, moments left alone) goes through the compiled op
-    in one call (``project_topk_``: fan slices, selection and zeroing in place, ~2x faster than the masks
-    below); any other matrix, or one the op declines (a non-finite weight, forced entries over budget), takes
-    the mask path.
+    A plain float32 matrix (no DeepSpeed master fragment, moments left alone) is projected in place by one
+    compiled call (:func:`sparse_lm.topk.project_topk_`, ~2x faster than the masks); any other matrix, or one
+    the op declines, takes the mask path.
     """
-    progress = anneal_progress(step, total_steps, cfg.anneal_start, cfg.anneal_end)
-    fraction = kept_fraction(cfg.target_fraction, progress)
-    ops = _projection_op()
-    rest = {}
-    for name, p in matrices.items():
-        frac = matrix_fraction(name, cfg, fraction, progress)
-        if frac >= 1.0:
-            continue
-        k, dims = target_count(p.numel(), frac), fan_constraints(name, cfg.min_fan)
-        if ops is not None and len(dims) <= 1 and not zero_moments and _plain_fp32(p):
-            keep = _scratch(p)
-            if ops.project_topk_(p.data, keep, k, dims[0] if dims else -1, cfg.min_fan if dims else 0) >= 0:
-                continue
-        rest[name] = topk_mask(p, k, dims, cfg.min_fan)
-    apply_masks(matrices, rest, optimizer, zero_moments=zero_moments)
+    from sparse_lm.topk import project_topk_
 
-
-def _projection_op():
-    from sparse_lm.topk import _use_cpp, selection_path
-
-    return _use_cpp(torch.empty(0), selection_path())
-
-
-def _plain_fp32(p: nn.Parameter) -> bool:
-    return (p.dtype == torch.float32 and p.device.type == "cpu" and p.dim() == 2 and p.data.is_contiguous()
-            and getattr(p, "_hp_mapping", None) is None)
-
-
-_SCRATCH: dict[tuple, torch.Tensor] = {}
-
-
-def _scratch(p: nn.Parameter) -> torch.Tensor:
-    """A uint8 buffer of p's shape for the op's kept set, reused across steps (one per shape)."""
-    key = tuple(p.shape)
-    buf = _SCRATCH.get(key)
-    if buf is None:
-        buf = _SCRATCH[key] = torch.empty(p.shape, dtype=torch.uint8)
-    return buf
+    masks = {}
+    for name, p, k, dims in _projected(matrices, cfg, step, total_steps):
+        fused = not zero_moments and getattr(p, "_hp_mapping", None) is None
+        if not (fused and project_topk_(p.data, k, dims, cfg.min_fan)):
+            masks[name] = topk_mask(p, k, dims, cfg.min_fan)
+    apply_masks(matrices, masks, optimizer, zero_moments=zero_moments)
 
 
 def _base_optimizer(optimizer) -> torch.optim.Optimizer | None:

@@ -294,3 +294,20 @@ def topk_rows_mask_fast(score: torch.Tensor, k: int) -> torch.Tensor | None:
     if ops is None:
         return None
     return ops.abstopk_mask(score.contiguous(), k).view(torch.bool)
+
+
+def project_topk_(w: torch.Tensor, k: int, fan_dims: list[int], min_fan: int) -> bool:
+    """The L0 projection of one matrix in place by the compiled op: the top ``min_fan`` of every slice along
+    the one fan dim forced in, then the k largest |w|, the rest zeroed; the kept set of ``sparsity.topk_mask``.
+
+    False, with ``w`` untouched, when the op is not in use (``SPARSE_LM_ABSTOPK``, device, a failed build) or
+    declines the case (not a contiguous 2-D float32 matrix, more than one fan dim, a non-finite weight,
+    forced entries over k): the caller then projects with masks.
+    """
+    if w.dtype != torch.float32 or w.dim() != 2 or not w.is_contiguous() or len(fan_dims) > 1:
+        return False
+    ops = _use_cpp(w, selection_path())
+    if ops is None:
+        return False
+    fan_dim, fan = (fan_dims[0], min_fan) if fan_dims else (-1, 0)
+    return ops.project_topk_(w, k, fan_dim, fan) >= 0

@@ -403,21 +403,20 @@ int64_t force_fan(const uint32_t* x, int64_t R, int64_t C, int fan_dim, int64_t 
   return slices * m;
 }
 
-// The L0 projection of one float32 matrix (R, C), in place: keep[i] = 1 for the top min_fan |w| of every
-// fan slice (fan_dim 1: rows, 0: columns, -1: none) and, of the rest, the k - forced largest |w| (ties at
-// the k-th: lowest flat index, as topk_mask's selection with the forced entries ranked first); w = +0
-// elsewhere. Returns the kept count, or -1 without touching w (keep is scratch then) when the case is not handled here
-// (a non-finite weight, forced entries over k, min_fan >= the slice length): the caller then uses torch.
-int64_t project_topk_(at::Tensor w, at::Tensor keep, int64_t k, int64_t fan_dim, int64_t min_fan) {
-  TORCH_CHECK(w.device().is_cpu() && keep.device().is_cpu(), "sparse_lm_abstopk: CPU tensors only");
+// The L0 projection of one float32 matrix (R, C), in place: w keeps the top min_fan |w| of every fan slice
+// (fan_dim 1: rows, 0: columns, -1: none) and, of the rest, the k - forced largest |w| (ties at the k-th:
+// lowest flat index, as topk_mask's selection with the forced entries ranked first); w = +0 elsewhere.
+// Returns the kept count, or -1 without touching w when the case is not handled here (a non-finite weight,
+// forced entries over k, min_fan >= the slice length): the caller then uses torch.
+int64_t project_topk_(at::Tensor w, int64_t k, int64_t fan_dim, int64_t min_fan) {
+  TORCH_CHECK(w.device().is_cpu(), "sparse_lm_abstopk: CPU tensors only");
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous(),
               "sparse_lm_abstopk: project_topk_ takes a contiguous 2-D float32 matrix");
-  TORCH_CHECK(keep.scalar_type() == at::kByte && keep.sizes() == w.sizes() && keep.is_contiguous(),
-              "sparse_lm_abstopk: keep must be a contiguous uint8 tensor of w's shape");
   const int64_t R = w.size(0), C = w.size(1), n = R * C;
   uint32_t* x = reinterpret_cast<uint32_t*>(w.data_ptr<float>());
-  uint8_t* kp = keep.data_ptr<uint8_t>();
   if (n == 0 || k <= 0) return -1;
+  std::unique_ptr<uint8_t[]> keep(new uint8_t[(size_t)n]);  // the forced entries, then the kept set
+  uint8_t* kp = keep.get();
   if (any_nonfinite(x, n)) return -1;  // inf or nan: torch's ranking of them
   const bool fan = fan_dim >= 0 && min_fan > 0;
   int64_t forced = 0;
@@ -448,5 +447,5 @@ TORCH_LIBRARY(sparse_lm_abstopk, m) {
   m.def("mask_apply(Tensor g, Tensor keep) -> Tensor", &mask_apply);
   m.def("gate_backward(Tensor grad, Tensor x, Tensor m, Tensor mean, bool need_grad_x) -> (Tensor, Tensor)",
         &gate_backward);
-  m.def("project_topk_(Tensor(a!) w, Tensor(b!) keep, int k, int fan_dim, int min_fan) -> int", &project_topk_);
+  m.def("project_topk_(Tensor(a!) w, int k, int fan_dim, int min_fan) -> int", &project_topk_);
 }
